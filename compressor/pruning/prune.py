@@ -1,0 +1,34 @@
+"""One entry point over the pruning criteria: weight + input statistics + config -> (new weight, mask)."""
+
+from __future__ import annotations
+
+import torch
+
+from compressor.config import PruningConfig
+from compressor.pruning.masks import magnitude_mask, wanda_mask
+from compressor.pruning.sparsegpt import sparsegpt_prune
+from compressor.pruning.statistics import InputStatistics
+
+
+def needs_statistics(method: str) -> str | None:
+    """'gram' (full input Gram matrix), 'norm' (column norms) or None (no calibration pass)."""
+    return {"sparsegpt": "gram", "wanda": "norm", "magnitude": None}[method]
+
+
+def prune_weight(
+    weight: torch.Tensor, stats: InputStatistics | None, cfg: PruningConfig, sparsity: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune an ``[out, in]`` weight; returns ``(new_weight fp32, keep_mask bool)``.
+
+    ``sparsity`` overrides ``cfg.sparsity`` (per-layer schedules); N:M patterns ignore it.
+    """
+    s = cfg.sparsity if sparsity is None else sparsity
+    nm = cfg.nm
+    w = weight.detach().float()
+    if cfg.method == "magnitude":
+        mask = magnitude_mask(w, s, nm)
+        return w * mask, mask
+    if cfg.method == "wanda":
+        mask = wanda_mask(w, stats.column_sq_norm, s, nm)
+        return w * mask, mask
+    return sparsegpt_prune(w, stats.hessian, s, nm, cfg.blocksize, cfg.percdamp)

@@ -1,0 +1,102 @@
+"""The end of a run: JSON report, console summary table and plots."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from compressor.io import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+def _fmt(x, digits: int = 2) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}" if abs(x) >= 0.01 or x == 0 else f"{x:.2e}"
+    return str(x)
+
+
+def summary_table(report: dict):
+    """A rich Table: dense vs compressed side by side."""
+    from rich.table import Table
+
+    table = Table(title=f"compressor: {report['model']['name']} ({report['pruning']['method']} "
+                        f"{report['pruning']['pattern']})")
+    table.add_column("metric")
+    table.add_column("dense", justify="right")
+    table.add_column("compressed", justify="right")
+    ppl = report.get("perplexity", {})
+    for corpus, values in ppl.get("compressed", {}).items():
+        label = "held-out generated text" if corpus == "generated" else Path(corpus).name
+        table.add_row(f"perplexity ({label})", _fmt(ppl.get("dense", {}).get(corpus)), _fmt(values))
+    sp = report["sparsity"]
+    table.add_row("sparsity of pruned linears", "0", f"{sp['achieved']:.4f} (target {sp['target']:.4f})")
+    table.add_row("nonzero parameters (all)", f"{report['model']['parameters']:,}", f"{report['model']['nonzero']:,}")
+    blocks = report.get("blocks") or []
+    if blocks and blocks[-1].get("calib_rel_error") is not None:
+        last = blocks[-1]
+        table.add_row("final-block rel. error (calib / held-out)", "0",
+                      f"{_fmt(last['calib_rel_error'], 4)} / {_fmt(last.get('heldout_rel_error'), 4)}")
+    t = report["timings"]
+    table.add_row("time: pruning / total (s)", "", f"{t['prune']:.1f} / {t['total']:.1f}")
+    mem = report["peak_memory"]
+    table.add_row("peak memory GPU / host (GB)", "", f"{_fmt(mem.get('gpu_gb'))} / {_fmt(mem['host_gb'])}")
+    table.add_row("outputs", "", report["outputs"]["dir"])
+    return table
+
+
+def print_summary(report: dict) -> None:
+    from rich.console import Console
+
+    Console().print(summary_table(report))
+    if "generated" in report.get("perplexity", {}).get("compressed", {}):
+        print("Perplexity 'generated' is measured on held-out text the dense model wrote itself (no corpus given).")
+
+
+def plot_sparsity(per_layer: dict[str, float], path: Path, target: float) -> Path:
+    """Bar chart of achieved sparsity per linear layer, in model order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(per_layer)
+    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.05), 4))
+    ax.bar(range(len(names)), [per_layer[n] for n in names], width=1.0, color="tab:blue")
+    ax.axhline(target, color="tab:red", lw=1, ls="--", label=f"target {target:.3f}")
+    ax.set_xlabel("linear layer (model order)")
+    ax.set_ylabel("sparsity")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title("Achieved sparsity per layer")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    return path
+
+
+def plot_block_error(blocks: list[dict], path: Path) -> Path | None:
+    """Per-block relative reconstruction error (calibration and held-out), log scale."""
+    if not blocks or blocks[0].get("calib_rel_error") is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    idx = [b["index"] for b in blocks]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(idx, [b["calib_rel_error"] for b in blocks], marker="o", label="calibration")
+    if blocks[0].get("heldout_rel_error") is not None:
+        ax.plot(idx, [b["heldout_rel_error"] for b in blocks], marker="s", label="held-out")
+    ax.set_yscale("log")
+    ax.set_xlabel("block")
+    ax.set_ylabel("||dense - sparse||^2 / ||dense||^2")
+    ax.set_title("Reconstruction error per block (vs the dense model)")
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    return path

@@ -1,0 +1,232 @@
+"""The sequential driver: walk the decoder blocks, gather statistics, prune, feed the next block.
+
+Block-0 inputs are captured by running the model itself until its first block (whose forward
+is interrupted), so each family's own code builds embeddings, position tables and masks.
+Only the block being processed sits on the compute device; activations stay there too when
+they fit, otherwise in host memory. A dense stream can be carried beside the sparse one to
+measure each block's normalized reconstruction error against the original model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from compressor.config import PruningConfig, RuntimeConfig
+from compressor.models.adapters import ModelAdapter, set_weight, weight_of
+from compressor.pruning.masks import achieved_sparsity
+from compressor.pruning.prune import needs_statistics, prune_weight
+from compressor.pruning.sparsegpt import output_error
+from compressor.pruning.statistics import BlockStatistics
+
+log = logging.getLogger(__name__)
+
+_DROP_KWARGS = ("past_key_value", "past_key_values", "layer_past", "use_cache", "output_attentions")
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class Stream:
+    """Hidden states entering a block, one tensor ``[batch, seqlen, hidden]`` per batch, with the block kwargs."""
+
+    batches: list[torch.Tensor]
+    kwargs: dict[tuple[int, int], dict]  # keyed by (batch, seqlen)
+
+    def clone(self) -> Stream:
+        return Stream([b.clone() for b in self.batches], self.kwargs)
+
+    @property
+    def numel(self) -> int:
+        return sum(b.numel() for b in self.batches)
+
+
+@dataclass
+class BlockReport:
+    """What happened to one block."""
+
+    index: int
+    seconds: float
+    sparsity: dict[str, float] = field(default_factory=dict)
+    layer_error: dict[str, float] = field(default_factory=dict)
+    calib_error: float | None = None
+    calib_rel_error: float | None = None
+    heldout_error: float | None = None
+    heldout_rel_error: float | None = None
+    shared_inputs: dict[str, list[str]] = field(default_factory=dict)
+
+
+def block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, batch_size: int, device, store_device
+) -> Stream:
+    """Run ``ids`` ``[n, seqlen]`` through the model up to block 0; return its inputs and kwargs."""
+    first = adapter.blocks[0]
+    batches, kwargs_by_shape = [], {}
+
+    params = list(inspect.signature(first.forward).parameters)
+
+    def grab(module, args, kwargs):
+        # name the positional arguments too (GPT-2 passes its mask positionally)
+        named = dict(zip(params, args)) | kwargs
+        hidden = named.pop(params[0])
+        key = tuple(hidden.shape[:2])
+        if key not in kwargs_by_shape:
+            kwargs_by_shape[key] = {k: v for k, v in named.items() if k not in _DROP_KWARGS and v is not None}
+        batches.append(hidden.to(store_device))
+        raise _StopForward
+
+    adapter.move_outside(device)
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for start in range(0, ids.shape[0], batch_size):
+            try:
+                model(input_ids=ids[start : start + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return Stream(batches, kwargs_by_shape)
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, stream: Stream, device, on_batch=None) -> list[torch.Tensor]:
+    """Outputs of ``block`` for every batch of ``stream`` (kept where the inputs live)."""
+    outs = []
+    for hidden in stream.batches:
+        kw = stream.kwargs[tuple(hidden.shape[:2])]
+        y = block_output(block, hidden.to(device), kw)
+        if on_batch is not None:
+            on_batch()
+        outs.append(y.to(hidden.device))
+    return outs
+
+
+def stream_error(dense: list[torch.Tensor], sparse: list[torch.Tensor], device) -> tuple[float, float]:
+    """(normalized error (1/(N*T*H)) ||dense - sparse||^2, relative error ||dense - sparse||^2 / ||dense||^2)."""
+    sq, ref, n = 0.0, 0.0, 0
+    for d, s in zip(dense, sparse):
+        d, s = d.to(device).float(), s.to(device).float()
+        sq += (d - s).square().sum().item()
+        ref += d.square().sum().item()
+        n += d.numel()
+    return sq / max(n, 1), sq / max(ref, 1e-30)
+
+
+def choose_store_device(bytes_needed: int, device: torch.device, mode: str) -> torch.device:
+    """Where activations live: the compute device when they fit (with headroom), else host memory."""
+    if mode == "cpu" or device.type == "cpu":
+        return torch.device("cpu")
+    if mode == "device":
+        return device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if bytes_needed * 1.5 < free * 0.8:
+            return device
+        log.info("activations need %.1f GB: kept in host memory (GPU has %.1f GB free)", bytes_needed / 1e9, free / 1e9)
+        return torch.device("cpu")
+    return device
+
+
+class SequentialPruner:
+    """Prunes a model block by block; ``run`` returns per-block reports and the keep-masks by full layer name."""
+
+    def __init__(self, model: nn.Module, pruning: PruningConfig, runtime: RuntimeConfig, device: torch.device,
+                 sparsity_map: dict[str, float] | None = None):
+        self.model = model
+        self.adapter = ModelAdapter(model)
+        self.pruning = pruning
+        self.runtime = runtime
+        self.device = torch.device(device)
+        self.sparsity_map = sparsity_map or {}
+        self.masks: dict[str, torch.Tensor] = {}
+
+    def _stream_bytes(self, n_windows: int, seqlen: int) -> int:
+        hidden = self.model.config.hidden_size if hasattr(self.model.config, "hidden_size") else self.model.config.n_embd
+        elem = torch.finfo(self.model.dtype).bits // 8
+        streams = 2 if self.runtime.track_error else 1
+        return 2 * streams * n_windows * seqlen * hidden * elem  # inputs + outputs of one block
+
+    @torch.no_grad()
+    def run(self, calib: torch.Tensor, heldout: torch.Tensor | None = None, progress: bool = True,
+            on_block=None) -> list[BlockReport]:
+        from tqdm.auto import tqdm
+
+        n_held = 0 if heldout is None else heldout.shape[0]
+        store = choose_store_device(self._stream_bytes(calib.shape[0] + n_held, calib.shape[1]), self.device,
+                                    self.runtime.activations)
+        log.info("activations on %s", store)
+        bs = self.runtime.batch_size
+        sparse = capture_block_inputs(self.model, self.adapter, calib, bs, self.device, store)
+        sparse_held = capture_block_inputs(self.model, self.adapter, heldout, bs, self.device, store) if n_held else None
+        track = self.runtime.track_error
+        dense = sparse.clone() if track else None
+        dense_held = sparse_held.clone() if track and sparse_held else None
+        kind = needs_statistics(self.pruning.method)
+        reports = []
+        blocks = self.adapter.blocks
+        bar = tqdm(range(len(blocks)), desc=f"pruning ({self.pruning.method} {self.pruning.label})", unit="block",
+                   disable=not progress)
+        for i in bar:
+            t0 = time.perf_counter()
+            block = blocks[i]
+            home = next(block.parameters()).device
+            block.to(self.device)
+            report = BlockReport(index=i, seconds=0.0)
+            if track:
+                dense.batches = run_block(block, dense, self.device)
+                if dense_held:
+                    dense_held.batches = run_block(block, dense_held, self.device)
+            self._prune_block(i, block, sparse, kind, report)
+            sparse.batches = run_block(block, sparse, self.device)
+            if sparse_held:
+                sparse_held.batches = run_block(block, sparse_held, self.device)
+            if track:
+                report.calib_error, report.calib_rel_error = stream_error(dense.batches, sparse.batches, self.device)
+                if dense_held:
+                    report.heldout_error, report.heldout_rel_error = stream_error(
+                        dense_held.batches, sparse_held.batches, self.device)
+                bar.set_postfix(rel_err=f"{report.calib_rel_error:.4f}")
+            block.to(home)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            report.seconds = time.perf_counter() - t0
+            reports.append(report)
+            if on_block is not None:
+                on_block(report)
+        bar.close()
+        return reports
+
+    def _prune_block(self, i: int, block: nn.Module, sparse: Stream, kind: str | None, report: BlockReport) -> None:
+        linears = self.adapter.linears(block)
+        targets = {n: m for n, m in linears.items() if not any(n.endswith(s) for s in self.pruning.skip)}
+        stats = None
+        if kind is not None:
+            with BlockStatistics(targets, gram=(kind == "gram")) as stats:
+                run_block(block, sparse, self.device, on_batch=stats.end_batch)
+            report.shared_inputs = stats.groups()
+        for name, module in linears.items():
+            full = f"{self.adapter.block_path}.{i}.{name}"
+            if name not in targets:
+                report.sparsity[name] = achieved_sparsity(weight_of(module) != 0)
+                continue
+            w = weight_of(module)
+            s = self.sparsity_map.get(full)
+            new_w, mask = prune_weight(w, stats.of(name) if stats else None, self.pruning, s)
+            if kind == "gram":
+                report.layer_error[name] = output_error(w, new_w, stats.of(name).hessian)
+            set_weight(module, new_w)
+            self.masks[full] = mask.cpu()
+            report.sparsity[name] = achieved_sparsity(mask)
