@@ -1,0 +1,130 @@
+"""LightningCLI front end: ``python cli.py fit|validate --config configs/<x>.yaml``.
+
+The LightningModule holds the model, pruning and runtime groups; the LightningDataModule holds
+calibration and evaluation; ``output`` is a top-level group. ``fit`` runs the sequential
+compression on the Trainer's device; ``validate`` measures a model or a compressed output folder.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+from compressor.config import (
+    CalibrationConfig,
+    ConfigError,
+    EvaluationConfig,
+    ModelConfig,
+    OutputConfig,
+    PruningConfig,
+    RuntimeConfig,
+)
+from compressor.data.text import DataError
+
+DESCRIPTION = """compressor: prune Hugging Face causal LMs block by block (magnitude, Wanda, SparseGPT;
+unstructured or N:M) and measure what was lost.
+
+  fit       compress a model (sequential pruning), evaluate it, save model + masks + report
+  validate  measure perplexity and sparsity of a model or a compressed output folder (output.dir/model)
+
+Examples:
+  python cli.py fit --config configs/quickstart.yaml
+  python cli.py fit --config configs/protocol.yaml --model.pruning.method wanda --model.pruning.pattern 2:4
+  python cli.py validate --model.source.name_or_path outputs/quickstart/model --data.evaluation.datasets [wikitext2]
+  python cli.py fit --config configs/quickstart.yaml --print_config
+"""
+
+
+class CompressionTask(LightningModule):
+    """The compression job: which model, how it is pruned, how the driver runs."""
+
+    def __init__(
+        self,
+        source: ModelConfig = ModelConfig(),
+        pruning: PruningConfig = PruningConfig(),
+        runtime: RuntimeConfig = RuntimeConfig(),
+    ):
+        """
+        Args:
+            source: the model to compress or evaluate.
+            pruning: criterion, sparsity and pattern.
+            runtime: batch size, where activations live, error tracking.
+        """
+        super().__init__()
+        self.source = source
+        self.pruning = pruning
+        self.runtime = runtime
+        self.save_hyperparameters({"source": asdict(source), "pruning": asdict(pruning), "runtime": asdict(runtime)})
+
+
+class CalibrationData(LightningDataModule):
+    """Calibration windows for the pruning statistics, and the corpora measured afterwards."""
+
+    def __init__(
+        self,
+        calibration: CalibrationConfig = CalibrationConfig(),
+        evaluation: EvaluationConfig = EvaluationConfig(),
+    ):
+        """
+        Args:
+            calibration: sources, number and length of the calibration windows, seed.
+            evaluation: perplexity corpora and held-out windows for reconstruction error.
+        """
+        super().__init__()
+        self.calibration = calibration
+        self.evaluation = evaluation
+
+
+class CompressorCLI(LightningCLI):
+    """LightningCLI whose ``fit`` and ``validate`` run the compressor's pipeline."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {
+            "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+            "validate": {"model", "dataloaders", "datamodule"},
+        }
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_dataclass_arguments(OutputConfig, "output", help="Where results go.")
+
+    def _output(self) -> OutputConfig:
+        out = self.config_init[self.subcommand]["output"]
+        return out if isinstance(out, OutputConfig) else OutputConfig(**dict(out))
+
+    @property
+    def device(self):
+        return self.trainer.strategy.root_device
+
+    def fit(self, model: CompressionTask, datamodule: CalibrationData, **_):
+        from compressor.pipeline import RunSettings, compress
+
+        settings = RunSettings(model=model.source, pruning=model.pruning, calibration=datamodule.calibration,
+                               evaluation=datamodule.evaluation, output=self._output(), runtime=model.runtime)
+        compress(settings, self.device)
+
+    def validate(self, model: CompressionTask, datamodule: CalibrationData, **_):
+        from compressor.pipeline import validate
+
+        validate(model.source, datamodule.evaluation, datamodule.calibration, self._output(), self.device)
+
+
+def main(args: list[str] | None = None) -> int:
+    try:
+        CompressorCLI(
+            CompressionTask,
+            CalibrationData,
+            save_config_callback=None,
+            trainer_defaults={"logger": False, "enable_checkpointing": False, "devices": 1},
+            seed_everything_default=0,
+            parser_kwargs={"description": DESCRIPTION, "fit": {"description": DESCRIPTION},
+                           "validate": {"description": DESCRIPTION}},
+            args=args,
+        )
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
