@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--workdir", default="outputs/protocol", help="per-setting output folders")
     ap.add_argument("--only", nargs="*", help="subset, e.g. sparsegpt:0.5 wanda:2:4")
     ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--sequential-within-block", action="store_true")
+    ap.add_argument("--batch-size", type=int, default=8, help="calibration windows per block forward")
     ap.add_argument("--max-windows", type=int, default=None, help="evaluate fewer windows (smoke runs only)")
     args = ap.parse_args()
 
@@ -67,7 +69,8 @@ def main() -> None:
         settings = [s for s in SETTINGS if f"{s[0]}:{s[1] if s[1] != 'unstructured' else s[2]}" in args.only]
     for i, (method, pattern, sparsity) in enumerate(settings):
         model.load_state_dict(dense_state)
-        pruning = PruningConfig(method=method, pattern=pattern, sparsity=sparsity)
+        pruning = PruningConfig(method=method, pattern=pattern, sparsity=sparsity,
+                                sequential_within_block=args.sequential_within_block)
         run = RunSettings(
             model=model_cfg,
             pruning=pruning,
@@ -76,13 +79,14 @@ def main() -> None:
                                         max_windows=args.max_windows),
             output=OutputConfig(dir=os.path.join(args.workdir, f"{method}-{pruning.label.replace(':', 'of')}"),
                                 save_model=False, save_masks=False),
-            runtime=RuntimeConfig(batch_size=8),
+            runtime=RuntimeConfig(batch_size=args.batch_size),
         )
         t = time.perf_counter()
         report = compress(run, device, progress=False, model_and_tokenizer=(model, tokenizer))
         seconds = time.perf_counter() - t
         last = report["blocks"][-1]
         common = {"model": "smollm2-135m", "schedule": "uniform", "reconstruction": "lr",
+                  "sequential_within_block": args.sequential_within_block, "calib_batch_size": args.batch_size,
                   "eval_windows": report["perplexity"]["windows"][eval_file][0]}
         if i == 0 and report["perplexity"]["dense"]:
             records.append({**common, "method": "dense", "pattern": "0", "ppl": report["perplexity"]["dense"][eval_file]})

@@ -83,6 +83,9 @@ class PruningConfig:
     """SparseGPT damping as a fraction of mean(diag H)."""
     skip: list[str] = field(default_factory=list)
     """Linear layers left dense, by name suffix within a block (e.g. 'mlp.down_proj')."""
+    sequential_within_block: bool = False
+    """Prune a block's layer groups in forward order (q/k/v, o, gate/up, down), each group's statistics
+    gathered with the earlier groups already pruned; costs one block forward per group."""
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -84,7 +84,7 @@ def capture_block_inputs(
         hidden = named.pop(params[0])
         key = tuple(hidden.shape[:2])
         if key not in kwargs_by_shape:
-            kwargs_by_shape[key] = {k: v for k, v in named.items() if k not in _DROP_KWARGS and v is not None}
+            kwargs_by_shape[key] = {k: v for k, v in named.items() if k not in _DROP_KWARGS}
         batches.append(hidden.to(store_device))
         raise _StopForward
 
@@ -212,20 +212,35 @@ class SequentialPruner:
     def _prune_block(self, i: int, block: nn.Module, sparse: Stream, kind: str | None, report: BlockReport) -> None:
         linears = self.adapter.linears(block)
         targets = {n: m for n, m in linears.items() if not any(n.endswith(s) for s in self.pruning.skip)}
-        stats = None
-        if kind is not None:
+        for name in linears:
+            if name not in targets:
+                report.sparsity[name] = achieved_sparsity(weight_of(linears[name]) != 0)
+        if kind is None:
+            self._prune_layers(i, targets, None, report)
+            return
+        if not self.pruning.sequential_within_block:
             with BlockStatistics(targets, gram=(kind == "gram")) as stats:
                 run_block(block, sparse, self.device, on_batch=stats.end_batch)
             report.shared_inputs = stats.groups()
-        for name, module in linears.items():
+            self._prune_layers(i, targets, stats, report)
+            return
+        # discover the groups sharing an input on one batch, then prune them in forward order
+        with BlockStatistics(targets, gram=False) as probe:
+            run_block(block, Stream(sparse.batches[:1], sparse.kwargs), self.device, on_batch=probe.end_batch)
+        report.shared_inputs = probe.groups()
+        for group in report.shared_inputs.values():
+            members = {n: targets[n] for n in group}
+            with BlockStatistics(members, gram=(kind == "gram")) as stats:
+                run_block(block, sparse, self.device, on_batch=stats.end_batch)
+            self._prune_layers(i, members, stats, report)
+
+    def _prune_layers(self, i: int, layers: dict[str, nn.Module], stats: BlockStatistics | None,
+                      report: BlockReport) -> None:
+        for name, module in layers.items():
             full = f"{self.adapter.block_path}.{i}.{name}"
-            if name not in targets:
-                report.sparsity[name] = achieved_sparsity(weight_of(module) != 0)
-                continue
             w = weight_of(module)
-            s = self.sparsity_map.get(full)
-            new_w, mask = prune_weight(w, stats.of(name) if stats else None, self.pruning, s)
-            if kind == "gram":
+            new_w, mask = prune_weight(w, stats.of(name) if stats else None, self.pruning, self.sparsity_map.get(full))
+            if stats is not None and stats.gram:
                 report.layer_error[name] = output_error(w, new_w, stats.of(name).hessian)
             set_weight(module, new_w)
             self.masks[full] = mask.cpu()

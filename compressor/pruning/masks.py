@@ -17,7 +17,7 @@ def n_pruned(numel: int, sparsity: float) -> int:
 def smallest_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep-mask pruning exactly ``n_pruned(numel, sparsity)`` lowest scores of the whole tensor."""
     k = n_pruned(scores.numel(), sparsity)
-    mask = torch.ones_like(scores, dtype=torch.bool)
+    mask = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
     if k > 0:
         idx = torch.topk(scores.flatten().float(), k, largest=False).indices
         mask.view(-1)[idx] = False
@@ -27,7 +27,7 @@ def smallest_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep-mask pruning exactly ``n_pruned(cols, sparsity)`` lowest scores in every row."""
     k = n_pruned(scores.shape[1], sparsity)
-    mask = torch.ones_like(scores, dtype=torch.bool)
+    mask = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
     if k > 0:
         idx = torch.topk(scores.float(), k, dim=1, largest=False).indices
         mask.scatter_(1, idx, False)
@@ -45,7 +45,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
         raise ValueError(f"N:M pattern {n}:{m} needs in_features divisible by {m}, got {cols}")
     groups = scores.float().reshape(rows, cols // m, m)
     idx = torch.topk(groups, m - n, dim=2, largest=False).indices
-    mask = torch.ones_like(groups, dtype=torch.bool)
+    mask = torch.ones(groups.shape, dtype=torch.bool, device=groups.device)
     mask.scatter_(2, idx, False)
     return mask.reshape(rows, cols)
 

@@ -24,7 +24,7 @@ def prune_weight(
     """
     s = cfg.sparsity if sparsity is None else sparsity
     nm = cfg.nm
-    w = weight.detach().float()
+    w = weight.detach().float().contiguous()
     if cfg.method == "magnitude":
         mask = magnitude_mask(w, s, nm)
         return w * mask, mask
