@@ -10,6 +10,9 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict
 
+import argparse
+
+from jsonargparse import DefaultHelpFormatter, set_parsing_settings
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
@@ -36,6 +39,14 @@ Examples:
   python cli.py validate --model.source.name_or_path outputs/quickstart/model --data.evaluation.datasets [wikitext2]
   python cli.py fit --config configs/quickstart.yaml --print_config
 """
+
+
+# field docstrings of the config dataclasses become the --help text
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help, with the description's line breaks kept."""
 
 
 class CompressionTask(LightningModule):
@@ -120,8 +131,11 @@ def main(args: list[str] | None = None) -> int:
             save_config_callback=None,
             trainer_defaults={"logger": False, "enable_checkpointing": False, "devices": 1},
             seed_everything_default=0,
-            parser_kwargs={"description": DESCRIPTION, "fit": {"description": DESCRIPTION},
-                           "validate": {"description": DESCRIPTION}},
+            parser_kwargs={
+                "description": DESCRIPTION, "formatter_class": HelpFormatter,
+                "fit": {"description": DESCRIPTION, "formatter_class": HelpFormatter},
+                "validate": {"description": DESCRIPTION, "formatter_class": HelpFormatter},
+            },
             args=args,
         )
     except (ConfigError, DataError) as exc:
