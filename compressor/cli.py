@@ -26,6 +26,7 @@ from compressor.config import (
     RuntimeConfig,
 )
 from compressor.data.text import DataError
+from compressor.reconstruction.module import ReconstructionConfig
 
 DESCRIPTION = """compressor: prune Hugging Face causal LMs block by block (magnitude, Wanda, SparseGPT;
 unstructured or N:M) and measure what was lost.
@@ -57,18 +58,22 @@ class CompressionTask(LightningModule):
         source: ModelConfig = ModelConfig(),
         pruning: PruningConfig = PruningConfig(),
         runtime: RuntimeConfig = RuntimeConfig(),
+        reconstruction: ReconstructionConfig = ReconstructionConfig(),
     ):
         """
         Args:
             source: the model to compress or evaluate.
             pruning: criterion, sparsity and pattern.
             runtime: batch size, where activations live, error tracking.
+            reconstruction: block-wise reconstruction after pruning (lr = none, br, br+gp, br+gp+cr).
         """
         super().__init__()
         self.source = source
         self.pruning = pruning
         self.runtime = runtime
-        self.save_hyperparameters({"source": asdict(source), "pruning": asdict(pruning), "runtime": asdict(runtime)})
+        self.reconstruction = reconstruction
+        self.save_hyperparameters({"source": asdict(source), "pruning": asdict(pruning), "runtime": asdict(runtime),
+                                   "reconstruction": asdict(reconstruction)})
 
 
 class CalibrationData(LightningDataModule):
@@ -78,15 +83,18 @@ class CalibrationData(LightningDataModule):
         self,
         calibration: CalibrationConfig = CalibrationConfig(),
         evaluation: EvaluationConfig = EvaluationConfig(),
+        recon_calibration: CalibrationConfig | None = None,
     ):
         """
         Args:
             calibration: sources, number and length of the calibration windows, seed.
             evaluation: perplexity corpora and held-out windows for reconstruction error.
+            recon_calibration: windows that reconstruction trains on (default: the calibration windows).
         """
         super().__init__()
         self.calibration = calibration
         self.evaluation = evaluation
+        self.recon_calibration = recon_calibration
 
 
 class CompressorCLI(LightningCLI):
@@ -114,7 +122,8 @@ class CompressorCLI(LightningCLI):
         from compressor.pipeline import RunSettings, compress
 
         settings = RunSettings(model=model.source, pruning=model.pruning, calibration=datamodule.calibration,
-                               evaluation=datamodule.evaluation, output=self._output(), runtime=model.runtime)
+                               evaluation=datamodule.evaluation, output=self._output(), runtime=model.runtime,
+                               reconstruction=model.reconstruction, recon_calibration=datamodule.recon_calibration)
         compress(settings, self.device)
 
     def validate(self, model: CompressionTask, datamodule: CalibrationData, **_):

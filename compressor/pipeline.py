@@ -29,6 +29,7 @@ from compressor.evaluation import perplexity
 from compressor.io import atomic_write, atomic_write_dir, atomic_write_json
 from compressor.models.adapters import ModelAdapter, check_supported, max_context, weight_of
 from compressor.models.loading import load_config, load_model
+from compressor.reconstruction.module import ReconstructionConfig
 from compressor.report import plot_block_error, plot_sparsity, print_summary
 from compressor.sequential import SequentialPruner
 
@@ -45,6 +46,9 @@ class RunSettings:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    recon_calibration: CalibrationConfig | None = None
+    """Calibration for reconstruction training (the paper uses 256 x 1024); None: the pruning windows."""
 
 
 def preflight(settings: RunSettings):
@@ -53,7 +57,10 @@ def preflight(settings: RunSettings):
     check_supported(config.model_type)
     limit = max_context(config)
     eval_seqlen = settings.evaluation.seqlen or settings.calibration.seqlen
-    for name, value in (("calibration.seqlen", settings.calibration.seqlen), ("evaluation.seqlen", eval_seqlen)):
+    checks = [("calibration.seqlen", settings.calibration.seqlen), ("evaluation.seqlen", eval_seqlen)]
+    if settings.recon_calibration is not None:
+        checks.append(("recon_calibration.seqlen", settings.recon_calibration.seqlen))
+    for name, value in checks:
         if limit is not None and value > limit:
             raise ConfigError(f"{name}={value} is above the model's context of {limit} tokens: use at most {limit}")
     out = Path(settings.output.dir)
@@ -113,6 +120,7 @@ def eval_corpora(settings: RunSettings, model, tokenizer, device) -> dict[str, t
 def compress(settings: RunSettings, device: str | torch.device = "cpu", progress: bool = True,
              model_and_tokenizer=None) -> dict:
     """Run the whole compression; returns the report (also written to ``output.dir/report.json``)."""
+    accelerator = {"cuda": "gpu", "cpu": "cpu"}.get(torch.device(device).type, "auto")
     device = torch.device(device)
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -131,9 +139,14 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
 
         t = time.perf_counter()
         gen_device = device
-        if any(GENERATED in s for s in (settings.calibration.sources, settings.evaluation.datasets)):
+        rc = settings.recon_calibration
+        if any(GENERATED in s for s in (settings.calibration.sources, settings.evaluation.datasets,
+                                         rc.sources if rc else [])):
             model.to(gen_device)
         calib = calibration_windows(settings.calibration, model, tokenizer, model_id(settings.model), gen_device)
+        recon_calib = None
+        if rc is not None and settings.reconstruction.enabled:
+            recon_calib = calibration_windows(rc, model, tokenizer, model_id(settings.model), gen_device)
         corpora = eval_corpora(settings, model, tokenizer, gen_device)
         timings["data"] = time.perf_counter() - t
 
@@ -149,8 +162,10 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
         if corpora and settings.evaluation.heldout_samples:
             heldout = next(iter(corpora.values()))[: settings.evaluation.heldout_samples]
         t = time.perf_counter()
-        pruner = SequentialPruner(model, settings.pruning, settings.runtime, device)
-        blocks = pruner.run(calib, heldout, progress=progress,
+        pruner = SequentialPruner(model, settings.pruning, settings.runtime, device,
+                                  reconstruction=settings.reconstruction, log_dir=out / "logs",
+                                  accelerator=accelerator)
+        blocks = pruner.run(calib, heldout, progress=progress, recon_calib=recon_calib,
                             on_block=lambda r: log.info("block %d: %.2fs rel_err calib %s held-out %s", r.index,
                                                         r.seconds, r.calib_rel_error, r.heldout_rel_error))
         timings["prune"] = time.perf_counter() - t
@@ -177,9 +192,11 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
             "settings": asdict(settings),
             "model": {"name": settings.model.name_or_path, "family": adapter.model_type,
                       "blocks": len(adapter.blocks), "parameters": total, "nonzero": nonzero},
-            "pruning": {"method": settings.pruning.method, "pattern": settings.pruning.label},
+            "pruning": {"method": settings.pruning.method, "pattern": settings.pruning.label,
+                        "reconstruction": settings.reconstruction.mode},
             "calibration": {"sources": settings.calibration.sources, "windows": int(calib.shape[0]),
-                            "seqlen": int(calib.shape[1]), "tokens": int(calib.numel())},
+                            "seqlen": int(calib.shape[1]), "tokens": int(calib.numel()),
+                            "reconstruction_windows": list(recon_calib.shape) if recon_calib is not None else None},
             "sparsity": {"target": settings.pruning.target_sparsity, "achieved": achieved,
                          "pruned_parameters": pruned_params, "per_layer": per_layer},
             "blocks": [asdict(b) for b in blocks],

@@ -22,8 +22,9 @@ def summary_table(report: dict):
     """A rich Table: dense vs compressed side by side."""
     from rich.table import Table
 
+    recon = report["pruning"].get("reconstruction", "lr")
     table = Table(title=f"compressor: {report['model']['name']} ({report['pruning']['method']} "
-                        f"{report['pruning']['pattern']})")
+                        f"{report['pruning']['pattern']}, reconstruction {recon})")
     table.add_column("metric")
     table.add_column("dense", justify="right")
     table.add_column("compressed", justify="right")
@@ -39,6 +40,11 @@ def summary_table(report: dict):
         last = blocks[-1]
         table.add_row("final-block rel. error (calib / held-out)", "0",
                       f"{_fmt(last['calib_rel_error'], 4)} / {_fmt(last.get('heldout_rel_error'), 4)}")
+        if recon != "lr":
+            table.add_row("final-block calib rel. error before training", "0",
+                          _fmt(last.get("calib_rel_error_pruned"), 4))
+            seconds = sum(t["seconds"] for b in blocks for t in b.get("training", []))
+            table.add_row("reconstruction training time (s)", "", f"{seconds:.1f}")
     t = report["timings"]
     table.add_row("time: pruning / total (s)", "", f"{t['prune']:.1f} / {t['total']:.1f}")
     mem = report["peak_memory"]
@@ -88,9 +94,14 @@ def plot_block_error(blocks: list[dict], path: Path) -> Path | None:
 
     idx = [b["index"] for b in blocks]
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.plot(idx, [b["calib_rel_error"] for b in blocks], marker="o", label="calibration")
+    trained = any(b.get("training") for b in blocks)
+    suffix = " (after training)" if trained else ""
+    ax.plot(idx, [b["calib_rel_error"] for b in blocks], marker="o", label="calibration" + suffix)
     if blocks[0].get("heldout_rel_error") is not None:
-        ax.plot(idx, [b["heldout_rel_error"] for b in blocks], marker="s", label="held-out")
+        ax.plot(idx, [b["heldout_rel_error"] for b in blocks], marker="s", label="held-out" + suffix)
+    if trained and blocks[0].get("calib_rel_error_pruned") is not None:
+        ax.plot(idx, [b["calib_rel_error_pruned"] for b in blocks], ls="--", color="gray",
+                label="calibration, after pruning (before training)")
     ax.set_yscale("log")
     ax.set_xlabel("block")
     ax.set_ylabel("||dense - sparse||^2 / ||dense||^2")

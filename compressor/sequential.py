@@ -13,6 +13,7 @@ import inspect
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,6 +24,8 @@ from compressor.pruning.masks import achieved_sparsity
 from compressor.pruning.prune import needs_statistics, prune_weight
 from compressor.pruning.sparsegpt import output_error
 from compressor.pruning.statistics import BlockStatistics
+from compressor.reconstruction.fit import fit_window
+from compressor.reconstruction.module import ReconstructionConfig, window_masks
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,24 @@ class BlockReport:
     calib_rel_error: float | None = None
     heldout_error: float | None = None
     heldout_rel_error: float | None = None
+    calib_error_pruned: float | None = None
+    calib_rel_error_pruned: float | None = None
+    training: list[dict] = field(default_factory=list)
     shared_inputs: dict[str, list[str]] = field(default_factory=dict)
+
+
+def kwargs_for(kwargs_by_shape: dict[tuple[int, int], dict], shape: tuple[int, int]) -> dict:
+    """Block kwargs for a ``(batch, seqlen)`` input; a smaller batch of a known seqlen reuses a larger
+    batch's kwargs with per-sample tensors (masks) cut to size."""
+    if shape in kwargs_by_shape:
+        return kwargs_by_shape[shape]
+    for (b, t), kw in kwargs_by_shape.items():
+        if t == shape[1] and b >= shape[0]:
+            cut = {k: v[: shape[0]] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == b and b > 1 else v
+                   for k, v in kw.items()}
+            kwargs_by_shape[shape] = cut
+            return cut
+    raise KeyError(f"no block inputs captured for batch {shape[0]} x seqlen {shape[1]}")
 
 
 def block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -106,7 +126,7 @@ def run_block(block: nn.Module, stream: Stream, device, on_batch=None) -> list[t
     """Outputs of ``block`` for every batch of ``stream`` (kept where the inputs live)."""
     outs = []
     for hidden in stream.batches:
-        kw = stream.kwargs[tuple(hidden.shape[:2])]
+        kw = kwargs_for(stream.kwargs, tuple(hidden.shape[:2]))
         y = block_output(block, hidden.to(device), kw)
         if on_batch is not None:
             on_batch()
@@ -141,73 +161,154 @@ def choose_store_device(bytes_needed: int, device: torch.device, mode: str) -> t
 
 
 class SequentialPruner:
-    """Prunes a model block by block; ``run`` returns per-block reports and the keep-masks by full layer name."""
+    """Prunes a model block by block (optionally reconstructing each block or window after pruning);
+    ``run`` returns per-block reports, and ``masks`` holds the keep-masks by full layer name."""
 
     def __init__(self, model: nn.Module, pruning: PruningConfig, runtime: RuntimeConfig, device: torch.device,
-                 sparsity_map: dict[str, float] | None = None):
+                 sparsity_map: dict[str, float] | None = None, reconstruction: ReconstructionConfig | None = None,
+                 log_dir: Path | None = None, accelerator: str = "auto"):
         self.model = model
         self.adapter = ModelAdapter(model)
         self.pruning = pruning
         self.runtime = runtime
         self.device = torch.device(device)
         self.sparsity_map = sparsity_map or {}
+        self.recon = reconstruction or ReconstructionConfig()
+        self.log_dir = log_dir
+        self.accelerator = accelerator
         self.masks: dict[str, torch.Tensor] = {}
 
     def _stream_bytes(self, n_windows: int, seqlen: int) -> int:
         hidden = self.model.config.hidden_size if hasattr(self.model.config, "hidden_size") else self.model.config.n_embd
         elem = torch.finfo(self.model.dtype).bits // 8
-        streams = 2 if self.runtime.track_error else 1
+        streams = 2 if (self.runtime.track_error or self.recon.enabled) else 1
+        if self.recon.cross_block:
+            streams *= 2  # the previous block's inputs are kept for the window
         return 2 * streams * n_windows * seqlen * hidden * elem  # inputs + outputs of one block
+
+    def _block_masks(self, i: int, block: nn.Module) -> dict[str, torch.Tensor]:
+        prefix = f"{self.adapter.block_path}.{i}."
+        return {k[len(prefix):]: v for k, v in self.masks.items() if k.startswith(prefix)}
+
+    def _fit(self, first: int, blocks: list[nn.Module], inputs: Stream, targets: list[torch.Tensor],
+             report: BlockReport, progress: bool) -> None:
+        masks = [self._block_masks(first + k, b) for k, b in enumerate(blocks)]
+        masked = window_masks(blocks, masks, weight_of)
+        name = "block_" + "-".join(f"{first + k:03d}" for k in range(len(blocks)))
+        stats = fit_window(blocks, masked, inputs.kwargs, inputs.batches, targets, self.recon, name, self.log_dir,
+                           self.accelerator, progress)
+        report.training.append({"window": [first + k for k in range(len(blocks))], **stats})
 
     @torch.no_grad()
     def run(self, calib: torch.Tensor, heldout: torch.Tensor | None = None, progress: bool = True,
-            on_block=None) -> list[BlockReport]:
+            on_block=None, recon_calib: torch.Tensor | None = None) -> list[BlockReport]:
+        """Prune every block. ``calib`` ``[n, seqlen]`` feeds the pruning statistics; ``recon_calib`` (default:
+        ``calib``) is what reconstruction trains on and what calibration error is measured on; ``heldout``
+        windows measure held-out error."""
         from tqdm.auto import tqdm
 
+        recon = self.recon
         n_held = 0 if heldout is None else heldout.shape[0]
-        store = choose_store_device(self._stream_bytes(calib.shape[0] + n_held, calib.shape[1]), self.device,
-                                    self.runtime.activations)
+        n_rec = 0 if recon_calib is None else recon_calib.shape[0]
+        store = choose_store_device(self._stream_bytes(calib.shape[0] + n_held + n_rec, calib.shape[1]),
+                                    self.device, self.runtime.activations)
         log.info("activations on %s", store)
         bs = self.runtime.batch_size
-        sparse = capture_block_inputs(self.model, self.adapter, calib, bs, self.device, store)
-        sparse_held = capture_block_inputs(self.model, self.adapter, heldout, bs, self.device, store) if n_held else None
-        track = self.runtime.track_error
-        dense = sparse.clone() if track else None
-        dense_held = sparse_held.clone() if track and sparse_held else None
+        rbs = recon.batch_size if recon.enabled else bs
+        prune_stream = capture_block_inputs(self.model, self.adapter, calib, bs, self.device, store)
+        if recon_calib is None:
+            rec = prune_stream if rbs == bs else capture_block_inputs(self.model, self.adapter, calib, rbs,
+                                                                      self.device, store)
+        else:
+            rec = capture_block_inputs(self.model, self.adapter, recon_calib, rbs, self.device, store)
+        held = capture_block_inputs(self.model, self.adapter, heldout, bs, self.device, store) if n_held else None
+        streams = [s for s in (prune_stream, rec, held) if s is not None]
+        streams = list({id(s): s for s in streams}.values())
+        need_dense = self.runtime.track_error or recon.global_target
+        dense_rec = rec.clone() if need_dense else None
+        dense_held = held.clone() if need_dense and held else None
         kind = needs_statistics(self.pruning.method)
-        reports = []
+        reports: list[BlockReport] = []
         blocks = self.adapter.blocks
-        bar = tqdm(range(len(blocks)), desc=f"pruning ({self.pruning.method} {self.pruning.label})", unit="block",
-                   disable=not progress)
+        prev: dict | None = None  # cross-block: the previous block's inputs and report
+        label = f"{self.pruning.method} {self.pruning.label}" + (f" + {recon.mode}" if recon.enabled else "")
+        bar = tqdm(range(len(blocks)), desc=f"compressing ({label})", unit="block", disable=not progress)
         for i in bar:
             t0 = time.perf_counter()
             block = blocks[i]
             home = next(block.parameters()).device
             block.to(self.device)
             report = BlockReport(index=i, seconds=0.0)
-            if track:
-                dense.batches = run_block(block, dense, self.device)
+            if need_dense:
+                dense_rec.batches = run_block(block, dense_rec, self.device)
                 if dense_held:
                     dense_held.batches = run_block(block, dense_held, self.device)
-            self._prune_block(i, block, sparse, kind, report)
-            sparse.batches = run_block(block, sparse, self.device)
-            if sparse_held:
-                sparse_held.batches = run_block(block, sparse_held, self.device)
-            if track:
-                report.calib_error, report.calib_rel_error = stream_error(dense.batches, sparse.batches, self.device)
-                if dense_held:
-                    report.heldout_error, report.heldout_rel_error = stream_error(
-                        dense_held.batches, sparse_held.batches, self.device)
-                bar.set_postfix(rel_err=f"{report.calib_rel_error:.4f}")
+            br_target = run_block(block, rec, self.device) if recon.enabled and not recon.global_target else None
+            self._prune_block(i, block, prune_stream, kind, report)
+            if need_dense:
+                report.calib_error_pruned, report.calib_rel_error_pruned = stream_error(
+                    dense_rec.batches, run_block(block, rec, self.device), self.device)
+            if recon.cross_block:
+                prev = self._cross_block_step(i, block, streams, rec, dense_rec, held, dense_held, prev, report,
+                                              reports, progress, on_block)
+            else:
+                if recon.enabled:
+                    self._fit(i, [block], rec, br_target if br_target is not None else dense_rec.batches, report,
+                              progress)
+                for s in streams:
+                    s.batches = run_block(block, s, self.device)
+                self._measure(report, rec, dense_rec, held, dense_held)
             block.to(home)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             report.seconds = time.perf_counter() - t0
             reports.append(report)
-            if on_block is not None:
+            if report.calib_rel_error is not None:
+                bar.set_postfix(rel_err=f"{report.calib_rel_error:.4f}")
+            if on_block is not None and not recon.cross_block:
                 on_block(report)
         bar.close()
         return reports
+
+    def _measure(self, report: BlockReport, rec, dense_rec, held, dense_held) -> None:
+        if dense_rec is None:
+            return
+        report.calib_error, report.calib_rel_error = stream_error(dense_rec.batches, rec.batches, self.device)
+        if dense_held:
+            report.heldout_error, report.heldout_rel_error = stream_error(dense_held.batches, held.batches,
+                                                                          self.device)
+
+    def _cross_block_step(self, i, block, streams, rec, dense_rec, held, dense_held, prev, report, reports,
+                          progress, on_block):
+        """CR: windows (0), (0,1), (1,2), ..., (L-2,L-1), (L-1); only the first block's output moves on."""
+        blocks = self.adapter.blocks
+        last = i == len(blocks) - 1
+        if prev is None:  # block 0 alone
+            inputs = {id(s): list(s.batches) for s in streams}
+            self._fit(i, [block], rec, dense_rec.batches, report, progress)
+        else:
+            prev_block = blocks[i - 1].to(self.device)
+            inputs = prev["inputs"]
+            window_in = Stream(inputs[id(rec)], rec.kwargs)
+            self._fit(i - 1, [prev_block, block], window_in, dense_rec.batches, report, progress)
+            # carry the first block's output forward, and finalize its error
+            for s in streams:
+                s.batches = run_block(prev_block, Stream(inputs[id(s)], s.kwargs), self.device)
+            self._measure(prev["report"], rec, prev["dense_rec"], held, prev["dense_held"])
+            if on_block is not None:
+                on_block(prev["report"])
+            inputs = {id(s): list(s.batches) for s in streams}
+            if last:  # the last block alone
+                self._fit(i, [block], rec, dense_rec.batches, report, progress)
+        for s in streams:
+            s.batches = run_block(block, s, self.device)
+        if last:
+            self._measure(report, rec, dense_rec, held, dense_held)
+            if on_block is not None:
+                on_block(report)
+        return {"inputs": inputs, "report": report,
+                "dense_rec": Stream(list(dense_rec.batches), dense_rec.kwargs),
+                "dense_held": Stream(list(dense_held.batches), dense_held.kwargs) if dense_held else None}
 
     def _prune_block(self, i: int, block: nn.Module, sparse: Stream, kind: str | None, report: BlockReport) -> None:
         linears = self.adapter.linears(block)

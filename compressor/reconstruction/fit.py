@@ -1,0 +1,87 @@
+"""Fitting one window of blocks with a fresh, lean Lightning Trainer."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from compressor.reconstruction.module import BlockReconstruction, ReconstructionConfig
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def quiet_lightning():
+    """One Trainer per block: keep Lightning's start-up chatter and known-benign warnings off the console."""
+    names = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
+             "lightning.fabric.utilities.rank_zero", "lightning.pytorch.trainer.connectors.signal_connector")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            for pattern in (".*treespec.*", ".*does not have many workers.*", ".*in eval mode at the start of training.*",
+                            ".*The number of training batches.*", ".*litlogger.*"):
+                warnings.filterwarnings("ignore", message=pattern)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def fit_window(
+    blocks: list[nn.Module],
+    masked: list,
+    block_kwargs: dict,
+    inputs: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    cfg: ReconstructionConfig,
+    name: str,
+    log_dir: Path | None = None,
+    accelerator: str = "auto",
+    progress: bool = False,
+) -> dict:
+    """Train ``blocks`` so that they map ``inputs`` to ``targets`` (lists of ``[batch, seqlen, hidden]``).
+
+    Returns ``{"seconds", "steps", "first_loss", "last_loss", "peak_gpu_gb"}``; the loss curve goes to
+    CSV and TensorBoard under ``log_dir/name`` when ``log_dir`` is given.
+    """
+    x, y = torch.cat(inputs), torch.cat(targets)
+    loader = DataLoader(TensorDataset(x, y), batch_size=cfg.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    steps = math.ceil(len(x) / cfg.batch_size) * cfg.epochs
+    module = BlockReconstruction(blocks, masked, block_kwargs, cfg, steps)
+    loggers = False
+    if log_dir is not None:
+        from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+        loggers = [CSVLogger(log_dir, name=name, version=""), TensorBoardLogger(log_dir, name=name, version="tb")]
+    with quiet_lightning():
+        trainer = Trainer(max_epochs=cfg.epochs, accelerator=accelerator, devices=1, precision=cfg.precision,
+                          logger=loggers, enable_checkpointing=False, enable_model_summary=False,
+                          enable_progress_bar=progress, num_sanity_val_steps=0, log_every_n_steps=1,
+                          gradient_clip_val=None)
+    device = next(module.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    t = time.perf_counter()
+    with quiet_lightning(), torch.enable_grad():
+        trainer.fit(module, loader)
+    seconds = time.perf_counter() - t
+    metrics = trainer.callback_metrics
+    losses = [float(metrics[k]) for k in ("train_loss_epoch",) if k in metrics]
+    for p in module.blocks.parameters():
+        p.requires_grad_(False)
+    return {"seconds": seconds, "steps": steps, "last_epoch_loss": losses[-1] if losses else None,
+            "peak_gpu_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}

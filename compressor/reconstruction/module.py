@@ -1,0 +1,133 @@
+"""``BlockReconstruction``: a LightningModule fitting one block (or a window of blocks) to a target,
+with the pruning masks fixed (algorithms.md section 2).
+
+Trainable: every linear weight of the window (pruned positions stay exactly zero: their gradients
+are zeroed before each step and the mask is re-applied after it), plus norms and biases.
+Loss: MSE between the window's output and the target activations. Optimizer: Adam (AdamW with
+weight decay 0), linear decay of the learning rate to zero, no warm-up, no clipping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from compressor.config import ConfigError
+
+MODES = ("lr", "br", "br+gp", "br+gp+cr")
+
+
+@dataclass
+class ReconstructionConfig:
+    """Block-wise reconstruction after pruning (BR), with global propagation (GP) and cross-block windows (CR)."""
+
+    mode: str = "lr"
+    """lr (none), br (target: dense block on the sparse input), br+gp (target: the dense model's activation),
+    br+gp+cr (two-block windows, stride 1, against the dense activation at the window's end)."""
+    epochs: int = 10
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    precision: str = "32-true"
+    """Lightning precision: 32-true (fp32), bf16-mixed (fp32 master weights with bf16 autocast), ..."""
+    train_norms: bool = True
+    """Also train norm weights (and LayerNorm/linear biases where the family has them)."""
+    seed: int = 0
+    """Seed of the batch shuffling."""
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ConfigError(f"reconstruction.mode={self.mode!r} is unknown: choose one of {', '.join(MODES)}")
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise ConfigError(f"reconstruction: epochs ({self.epochs}), batch_size ({self.batch_size}) must be >= 1 "
+                              f"and lr ({self.lr}) > 0")
+        self.betas = tuple(self.betas)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "lr"
+
+    @property
+    def global_target(self) -> bool:
+        return "gp" in self.mode
+
+    @property
+    def cross_block(self) -> bool:
+        return "cr" in self.mode
+
+
+def window_masks(blocks: list[nn.Module], masks_by_linear: list[dict[str, torch.Tensor]], weight_of) -> list:
+    """``[(parameter, keep_mask in the parameter's own layout)]`` for every pruned linear of the window."""
+    out = []
+    for block, masks in zip(blocks, masks_by_linear):
+        for name, mask in masks.items():
+            module = block.get_submodule(name)
+            param = module.weight
+            keep = mask.t() if weight_of(module) is not param else mask  # Conv1D stores [in, out]
+            out.append((param, keep.to(param.device).contiguous()))
+    return out
+
+
+class BlockReconstruction(LightningModule):
+    """Fits ``blocks`` (applied in sequence) so that their output on ``inputs`` matches ``targets``.
+
+    Args:
+        blocks: the window, e.g. ``[block_i]`` or ``[block_i, block_i+1]``.
+        masked: ``[(weight parameter, keep_mask)]`` for the pruned weights (see ``window_masks``).
+        block_kwargs: extra forward arguments per ``(batch, seqlen)`` (masks, position tables).
+        total_steps: optimizer steps over the whole fit, for the linear decay.
+    """
+
+    def __init__(self, blocks: list[nn.Module], masked: list[tuple[nn.Parameter, torch.Tensor]],
+                 block_kwargs: dict[tuple[int, int], dict], cfg: ReconstructionConfig, total_steps: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.masked = masked
+        self.block_kwargs = block_kwargs
+        self.cfg = cfg
+        self.total_steps = max(total_steps, 1)
+        masked_ids = {id(p) for p, _ in masked}
+        for name, p in self.blocks.named_parameters():
+            linear_weight = id(p) in masked_ids or (p.dim() == 2)
+            p.requires_grad_(linear_weight or cfg.train_norms)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        from compressor.sequential import block_output, kwargs_for
+
+        kwargs = kwargs_for(self.block_kwargs, tuple(hidden.shape[:2]))
+        for block in self.blocks:
+            hidden = block_output(block, hidden, kwargs)
+        return hidden
+
+    def train(self, mode: bool = True):
+        # dropout stays off: the target is a deterministic function of the input
+        return super().train(False)
+
+    def training_step(self, batch, batch_idx):
+        inputs, targets = batch
+        loss = F.mse_loss(self(inputs).float(), targets.float())
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        for p, keep in self.masked:
+            if p.grad is not None:
+                p.grad.mul_(keep)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        with torch.no_grad():
+            for p, keep in self.masked:
+                p.mul_(keep)
+
+    def configure_optimizers(self):
+        params = [p for p in self.blocks.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.cfg.lr, betas=self.cfg.betas, eps=self.cfg.eps,
+                                weight_decay=self.cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / self.total_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

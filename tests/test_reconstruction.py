@@ -1,0 +1,115 @@
+"""Block-wise reconstruction: masks stay fixed, each mode trains toward the right targets, CR windows."""
+
+import copy
+
+import pytest
+import torch
+
+import compressor.sequential as sequential
+from compressor.config import ConfigError, PruningConfig, RuntimeConfig
+from compressor.models.adapters import weight_of
+from compressor.reconstruction.module import ReconstructionConfig
+from compressor.sequential import SequentialPruner
+from conftest import tiny_llama
+
+LAYERS = 3
+
+
+def prune(model, mode, ids, epochs=3, lr=1e-3, method="sparsegpt", pattern="unstructured"):
+    cfg = ReconstructionConfig(mode=mode, epochs=epochs, lr=lr, batch_size=4)
+    pruner = SequentialPruner(model, PruningConfig(method=method, pattern=pattern), RuntimeConfig(batch_size=4),
+                              "cpu", reconstruction=cfg, accelerator="cpu")
+    return pruner, pruner.run(ids, ids[:4], progress=False)
+
+
+@pytest.fixture
+def recorded_fits(monkeypatch):
+    calls = []
+    real = sequential.fit_window
+
+    def spy(blocks, masked, kwargs, inputs, targets, cfg, name, *args, **kw):
+        calls.append({"name": name, "inputs": torch.cat(inputs).clone(), "targets": torch.cat(targets).clone()})
+        return real(blocks, masked, kwargs, inputs, targets, cfg, name, *args, **kw)
+
+    monkeypatch.setattr(sequential, "fit_window", spy)
+    return calls
+
+
+def hidden_states(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, output_hidden_states=True).hidden_states
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_masked_weights_stay_exactly_zero_after_training(pattern):
+    model = tiny_llama(layers=LAYERS)
+    ids = torch.randint(0, 256, (8, 32))
+    pruner, reports = prune(model, "br+gp", ids, epochs=5, lr=1e-2, pattern=pattern)
+    changed = 0
+    for name, mask in pruner.masks.items():
+        w = weight_of(model.get_submodule(name))
+        assert (w[~mask] == 0).all(), name
+        changed += int((w[mask] == 0).sum() == 0)
+    assert changed == len(pruner.masks)  # kept weights are alive
+    assert all(r.training for r in reports)
+
+
+def test_br_targets_are_the_dense_block_on_the_sparse_input(recorded_fits):
+    torch.manual_seed(0)
+    model = tiny_llama(layers=LAYERS)
+    dense = copy.deepcopy(model)
+    ids = torch.randint(0, 256, (8, 16))
+    prune(model, "br", ids)
+    final = hidden_states(model, ids)
+    assert [c["name"] for c in recorded_fits] == ["block_000", "block_001", "block_002"]
+    for i, call in enumerate(recorded_fits):
+        assert torch.allclose(call["inputs"], final[i], atol=1e-5)  # the sparse stream
+        with torch.no_grad():
+            expected = dense.model.layers[i](call["inputs"], position_embeddings=dense.model.rotary_emb(
+                call["inputs"], torch.arange(16).unsqueeze(0)), attention_mask=None)
+        expected = expected[0] if isinstance(expected, tuple) else expected
+        assert torch.allclose(call["targets"], expected, atol=1e-5)
+
+
+def test_gp_targets_are_the_dense_models_activations(recorded_fits):
+    torch.manual_seed(1)
+    model = tiny_llama(layers=LAYERS)
+    ids = torch.randint(0, 256, (8, 16))
+    dense_states = hidden_states(copy.deepcopy(model), ids)
+    prune(model, "br+gp", ids)
+    final = hidden_states(model, ids)
+    for i, call in enumerate(recorded_fits[:-1]):  # the last dense hidden state is after the final norm
+        assert torch.allclose(call["inputs"], final[i], atol=1e-5)
+        assert torch.allclose(call["targets"], dense_states[i + 1], atol=1e-5)
+
+
+def test_cr_windows_cover_the_blocks_and_carry_only_the_first_output(recorded_fits):
+    torch.manual_seed(2)
+    model = tiny_llama(layers=4)
+    ids = torch.randint(0, 256, (8, 16))
+    dense_states = hidden_states(copy.deepcopy(model), ids)
+    _, reports = prune(model, "br+gp+cr", ids)
+    names = [c["name"] for c in recorded_fits]
+    assert names == ["block_000", "block_000-001", "block_001-002", "block_002-003", "block_003"]
+    assert [t["window"] for r in reports for t in r.training] == [[0], [0, 1], [1, 2], [2, 3], [3]]
+    final = hidden_states(model, ids)
+    # window (i-1, i) starts from the final sparse input of block i-1 and aims at the dense output of block i
+    for call, first in zip(recorded_fits[1:3], (0, 1)):
+        assert torch.allclose(call["inputs"], final[first], atol=1e-5)
+        assert torch.allclose(call["targets"], dense_states[first + 2], atol=1e-5)
+
+
+def test_reconstruction_lowers_calibration_error():
+    torch.manual_seed(3)
+    base = tiny_llama(layers=LAYERS)
+    ids = torch.randint(0, 256, (16, 32))
+    errors = {}
+    for mode in ("lr", "br+gp"):
+        _, reports = prune(copy.deepcopy(base), mode, ids, epochs=10, lr=1e-3)
+        errors[mode] = reports[-1].calib_rel_error
+    assert errors["br+gp"] < 0.7 * errors["lr"]
+
+
+def test_unknown_mode_is_named():
+    with pytest.raises(ConfigError, match="reconstruction.mode='gp' is unknown: choose one of lr, br, br\\+gp"):
+        ReconstructionConfig(mode="gp")
