@@ -1,11 +1,14 @@
-"""The shared SmolLM2 protocol (shared/guide/anchors.md) for every core pruning setting, in one run.
+"""The shared SmolLM2 protocol (shared/guide/anchors.md) for many settings, in one run.
 
     python bench/protocol.py --data ../shared/data --out bench/results/protocol_lr.json
-    python bench/protocol.py --model $HOME/stage/SmolLM2-135M-Instruct.Q4_1.gguf --data $HOME/stage/data
+    python bench/protocol.py --model $HOME/stage/SmolLM2-135M-Instruct.Q4_1.gguf --data $HOME/stage/data \\
+        --settings sparsegpt:0.5:br+gp wanda:2:4:br --out bench/results/protocol_reconstruction.json
 
-Loads the model once, restores the dense weights before each setting, and runs the same
-pipeline as ``python cli.py fit`` (compressor.pipeline.compress). Prints a table and writes the
-results JSON in the anchors.md shape.
+A setting is METHOD:PATTERN[:RECONSTRUCTION], PATTERN a sparsity (0.5) or N:M (2:4). Loads the model
+once, restores the dense weights before each setting, and runs the same pipeline as
+``python cli.py fit`` (compressor.pipeline.compress). Reconstruction calibrates on 256 x 1024
+windows of wiki.valid.tokens (seed 0), optionally plus self-generated samples. Prints a table and
+writes the results JSON in the anchors.md shape.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compressor.config import (  # noqa: E402
+    GENERATED,
     CalibrationConfig,
     EvaluationConfig,
+    GenerationConfig,
     ModelConfig,
     OutputConfig,
     PruningConfig,
@@ -33,15 +38,20 @@ from compressor.config import (  # noqa: E402
 from compressor.io import atomic_write_json  # noqa: E402
 from compressor.models.loading import load_model  # noqa: E402
 from compressor.pipeline import RunSettings, compress, machine_name  # noqa: E402
+from compressor.reconstruction.module import ReconstructionConfig  # noqa: E402
 
-SETTINGS = [
-    ("sparsegpt", "unstructured", 0.5),
-    ("sparsegpt", "2:4", 0.5),
-    ("sparsegpt", "4:8", 0.5),
-    ("wanda", "unstructured", 0.5),
-    ("wanda", "2:4", 0.5),
-    ("magnitude", "unstructured", 0.5),
-]
+CORE = ["sparsegpt:0.5", "sparsegpt:2:4", "sparsegpt:4:8", "wanda:0.5", "wanda:2:4", "magnitude:0.5"]
+
+
+def parse_setting(text: str) -> tuple[PruningConfig, str]:
+    parts = text.split(":")
+    method, rest = parts[0], parts[1:]
+    mode = "lr"
+    if rest and rest[-1] in ("lr", "br", "br+gp", "br+gp+cr"):
+        mode = rest.pop()
+    if len(rest) == 2:
+        return PruningConfig(method=method, pattern=f"{rest[0]}:{rest[1]}"), mode
+    return PruningConfig(method=method, sparsity=float(rest[0])), mode
 
 
 def main() -> None:
@@ -50,11 +60,16 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data", help="folder holding wikitext-2/ and wikitext-2-raw/")
     ap.add_argument("--out", default="bench/results/protocol_lr.json")
     ap.add_argument("--workdir", default="outputs/protocol", help="per-setting output folders")
-    ap.add_argument("--only", nargs="*", help="subset, e.g. sparsegpt:0.5 wanda:2:4")
+    ap.add_argument("--settings", nargs="*", default=CORE, help="METHOD:PATTERN[:RECONSTRUCTION] ...")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--sequential-within-block", action="store_true")
     ap.add_argument("--batch-size", type=int, default=8, help="calibration windows per block forward")
+    ap.add_argument("--recon-samples", type=int, default=256, help="real reconstruction windows (x 1024 tokens)")
+    ap.add_argument("--recon-generated", type=int, default=0, help="self-generated reconstruction windows added")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--precision", default="32-true")
     ap.add_argument("--max-windows", type=int, default=None, help="evaluate fewer windows (smoke runs only)")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -64,45 +79,61 @@ def main() -> None:
     model, tokenizer = load_model(model_cfg)
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     records = []
-    settings = SETTINGS
-    if args.only:
-        settings = [s for s in SETTINGS if f"{s[0]}:{s[1] if s[1] != 'unstructured' else s[2]}" in args.only]
-    for i, (method, pattern, sparsity) in enumerate(settings):
+    for i, text in enumerate(args.settings):
+        pruning, mode = parse_setting(text)
+        pruning.sequential_within_block = args.sequential_within_block
         model.load_state_dict(dense_state)
-        pruning = PruningConfig(method=method, pattern=pattern, sparsity=sparsity,
-                                sequential_within_block=args.sequential_within_block)
+        recon_sources = [calib_file] + ([GENERATED] if args.recon_generated else [])
+        n_recon = args.recon_samples + args.recon_generated
+        recon_calib = CalibrationConfig(
+            sources=recon_sources, weights=[args.recon_samples, args.recon_generated] if args.recon_generated else None,
+            num_samples=n_recon, seqlen=1024, seed=0,
+            generation=GenerationConfig(batch_size=64, cache_dir=os.path.join(args.workdir, "generated")))
         run = RunSettings(
             model=model_cfg,
             pruning=pruning,
             calibration=CalibrationConfig(sources=[calib_file], num_samples=args.samples, seqlen=2048, seed=0),
-            evaluation=EvaluationConfig(datasets=[eval_file], heldout_samples=16, dense_baseline=(i == 0),
-                                        max_windows=args.max_windows),
-            output=OutputConfig(dir=os.path.join(args.workdir, f"{method}-{pruning.label.replace(':', 'of')}"),
+            evaluation=EvaluationConfig(datasets=[eval_file], heldout_samples=16,
+                                        dense_baseline=(i == 0 and not args.no_dense), max_windows=args.max_windows),
+            output=OutputConfig(dir=os.path.join(args.workdir, f"{text.replace(':', '_')}"),
                                 save_model=False, save_masks=False),
             runtime=RuntimeConfig(batch_size=args.batch_size),
+            reconstruction=ReconstructionConfig(mode=mode, epochs=args.epochs, precision=args.precision),
+            recon_calibration=recon_calib if mode != "lr" else None,
         )
         t = time.perf_counter()
         report = compress(run, device, progress=False, model_and_tokenizer=(model, tokenizer))
         seconds = time.perf_counter() - t
         last = report["blocks"][-1]
-        common = {"model": "smollm2-135m", "schedule": "uniform", "reconstruction": "lr",
+        common = {"model": "smollm2-135m", "schedule": "uniform",
                   "sequential_within_block": args.sequential_within_block, "calib_batch_size": args.batch_size,
                   "eval_windows": report["perplexity"]["windows"][eval_file][0]}
-        if i == 0 and report["perplexity"]["dense"]:
-            records.append({**common, "method": "dense", "pattern": "0", "ppl": report["perplexity"]["dense"][eval_file]})
-        records.append({**common, "method": method, "pattern": pruning.label, "ppl": report["perplexity"]["compressed"][eval_file],
-                        "calib_error": last["calib_error"], "heldout_error": last["heldout_error"],
-                        "calib_rel_error": last["calib_rel_error"], "heldout_rel_error": last["heldout_rel_error"],
-                        "achieved_sparsity": report["sparsity"]["achieved"], "seconds": round(seconds, 2),
-                        "prune_seconds": round(report["timings"]["prune"], 2),
-                        "peak_gpu_gb": report["peak_memory"]["gpu_gb"]})
-        print(json.dumps(records[-1]), flush=True)
-    result = {"machine": machine_name(device), "date": datetime.date.today().isoformat(),
-              "command": "python " + " ".join(sys.argv), "records": records}
-    atomic_write_json(args.out, result)
-    print(f"\n{'method':<10} {'pattern':<8} {'ppl':>10}")
+        if report["perplexity"]["dense"]:
+            records.append({**common, "method": "dense", "pattern": "0", "reconstruction": "lr",
+                            "ppl": report["perplexity"]["dense"][eval_file]})
+        train = [t for b in report["blocks"] for t in b["training"]]
+        records.append({
+            **common, "method": pruning.method, "pattern": pruning.label, "reconstruction": mode,
+            "ppl": report["perplexity"]["compressed"][eval_file],
+            "calib_error": last["calib_error"], "heldout_error": last["heldout_error"],
+            "calib_rel_error": last["calib_rel_error"], "heldout_rel_error": last["heldout_rel_error"],
+            "calib_rel_error_before_training": last["calib_rel_error_pruned"],
+            "recon_calibration": f"{args.recon_samples} real + {args.recon_generated} generated x 1024"
+            if mode != "lr" else None,
+            "epochs": args.epochs if mode != "lr" else None,
+            "train_seconds": round(sum(t["seconds"] for t in train), 2),
+            "train_peak_gpu_gb": max((t["peak_gpu_gb"] or 0 for t in train), default=None),
+            "per_block_calib_rel_error": [b["calib_rel_error"] for b in report["blocks"]],
+            "per_block_heldout_rel_error": [b["heldout_rel_error"] for b in report["blocks"]],
+            "achieved_sparsity": report["sparsity"]["achieved"], "seconds": round(seconds, 2),
+            "prune_seconds": round(report["timings"]["prune"], 2), "peak_gpu_gb": report["peak_memory"]["gpu_gb"]})
+        print(json.dumps({k: v for k, v in records[-1].items() if not k.startswith("per_block")}), flush=True)
+        atomic_write_json(args.out, {"machine": machine_name(device), "date": datetime.date.today().isoformat(),
+                                     "command": "python " + " ".join(sys.argv), "records": records})
+    print(f"\n{'method':<10} {'pattern':<8} {'recon':<9} {'ppl':>10} {'calib_err':>10} {'heldout_err':>11}")
     for r in records:
-        print(f"{r['method']:<10} {r['pattern']:<8} {r['ppl']:>10.2f}")
+        print(f"{r['method']:<10} {r['pattern']:<8} {r['reconstruction']:<9} {r['ppl']:>10.2f} "
+              f"{r.get('calib_rel_error') or 0:>10.4f} {r.get('heldout_rel_error') or 0:>11.4f}")
     print(f"written {args.out}")
 
 
