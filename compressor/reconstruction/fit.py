@@ -12,11 +12,26 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Trainer
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from compressor.reconstruction.module import BlockReconstruction, ReconstructionConfig
 
 log = logging.getLogger(__name__)
+
+
+class StreamRows(Dataset):
+    """(input, target) rows of activation batches without concatenating them (no second copy in memory)."""
+
+    def __init__(self, inputs: list[torch.Tensor], targets: list[torch.Tensor]):
+        self.inputs, self.targets = inputs, targets
+        self.index = [(b, r) for b, t in enumerate(inputs) for r in range(t.shape[0])]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        b, r = self.index[i]
+        return self.inputs[b][r], self.targets[b][r]
 
 
 @contextlib.contextmanager
@@ -56,10 +71,9 @@ def fit_window(
     Returns ``{"seconds", "steps", "first_loss", "last_loss", "peak_gpu_gb"}``; the loss curve goes to
     CSV and TensorBoard under ``log_dir/name`` when ``log_dir`` is given.
     """
-    x, y = torch.cat(inputs), torch.cat(targets)
-    loader = DataLoader(TensorDataset(x, y), batch_size=cfg.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(cfg.seed))
-    steps = math.ceil(len(x) / cfg.batch_size) * cfg.epochs
+    rows = StreamRows(inputs, targets)
+    loader = DataLoader(rows, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))
+    steps = math.ceil(len(rows) / cfg.batch_size) * cfg.epochs
     module = BlockReconstruction(blocks, masked, block_kwargs, cfg, steps)
     loggers = False
     if log_dir is not None:
