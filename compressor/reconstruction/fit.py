@@ -92,6 +92,7 @@ def fit_window(
     t = time.perf_counter()
     with quiet_lightning(), torch.enable_grad():
         trainer.fit(module, loader)
+    module.blocks.to(device)  # Lightning's teardown moves the module to the CPU
     seconds = time.perf_counter() - t
     metrics = trainer.callback_metrics
     losses = [float(metrics[k]) for k in ("train_loss_epoch",) if k in metrics]
