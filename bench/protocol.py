@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--recon-generated", type=int, default=0, help="self-generated reconstruction windows added")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--precision", default="32-true")
+    ap.add_argument("--lr", type=float, default=2e-4, help="reconstruction learning rate")
     ap.add_argument("--max-windows", type=int, default=None, help="evaluate fewer windows (smoke runs only)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     args = ap.parse_args()
@@ -98,7 +99,7 @@ def main() -> None:
             output=OutputConfig(dir=os.path.join(args.workdir, f"{text.replace(':', '_')}"),
                                 save_model=False, save_masks=False),
             runtime=RuntimeConfig(batch_size=args.batch_size),
-            reconstruction=ReconstructionConfig(mode=mode, epochs=args.epochs, precision=args.precision),
+            reconstruction=ReconstructionConfig(mode=mode, epochs=args.epochs, precision=args.precision, lr=args.lr),
             recon_calibration=recon_calib if mode != "lr" else None,
         )
         t = time.perf_counter()
@@ -120,7 +121,7 @@ def main() -> None:
             "calib_rel_error_before_training": last["calib_rel_error_pruned"],
             "recon_calibration": f"{args.recon_samples} real + {args.recon_generated} generated x 1024"
             if mode != "lr" else None,
-            "epochs": args.epochs if mode != "lr" else None,
+            "epochs": args.epochs if mode != "lr" else None, "lr": args.lr if mode != "lr" else None,
             "train_seconds": round(sum(t["seconds"] for t in train), 2),
             "train_peak_gpu_gb": max((t["peak_gpu_gb"] or 0 for t in train), default=None),
             "per_block_calib_rel_error": [b["calib_rel_error"] for b in report["blocks"]],
