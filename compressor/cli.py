@@ -118,9 +118,12 @@ class CompressorCLI(LightningCLI):
     def device(self):
         return self.trainer.strategy.root_device
 
-    def fit(self, model: CompressionTask, datamodule: CalibrationData, **_):
+    def fit(self, model: CompressionTask, datamodule: CalibrationData, ckpt_path: str | None = None, **_):
         from compressor.pipeline import RunSettings, compress
 
+        if ckpt_path not in (None, "last"):
+            raise ConfigError(f"ckpt_path={ckpt_path!r}: only 'last' is supported (block checkpoints live in "
+                              "output.dir/checkpoints; rerunning the same command resumes from them too)")
         settings = RunSettings(model=model.source, pruning=model.pruning, calibration=datamodule.calibration,
                                evaluation=datamodule.evaluation, output=self._output(), runtime=model.runtime,
                                reconstruction=model.reconstruction, recon_calibration=datamodule.recon_calibration)

@@ -212,6 +212,10 @@ class OutputConfig:
     plots: bool = True
     overwrite: bool = True
     """Replace an existing report in dir; False refuses to run over one."""
+    checkpoint: bool = True
+    """Checkpoint every finished block to dir/checkpoints; rerunning the same command resumes from them."""
+    start_over: bool = False
+    """Discard the checkpoints in dir instead of resuming (needed when config or data changed)."""
 
 
 @dataclass

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from compressor.checkpoint import BlockCheckpoints, tensor_fingerprint
 from compressor.config import (
     GENERATED,
     CalibrationConfig,
@@ -161,11 +162,18 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
         heldout = None
         if corpora and settings.evaluation.heldout_samples:
             heldout = next(iter(corpora.values()))[: settings.evaluation.heldout_samples]
+        checkpoints, finished = None, []
+        if settings.output.checkpoint and not settings.reconstruction.cross_block:
+            checkpoints = BlockCheckpoints(out / "checkpoints", settings, tensor_fingerprint(calib, recon_calib))
+            finished = checkpoints.resume(settings.output.start_over)
+            if finished:
+                log.info("resuming: %d finished blocks loaded from %s", len(finished), out / "checkpoints")
         t = time.perf_counter()
         pruner = SequentialPruner(model, settings.pruning, settings.runtime, device,
                                   reconstruction=settings.reconstruction, log_dir=out / "logs",
                                   accelerator=accelerator)
-        blocks = pruner.run(calib, heldout, progress=progress, recon_calib=recon_calib,
+        blocks = pruner.run(calib, heldout, progress=progress, recon_calib=recon_calib, checkpoints=checkpoints,
+                            finished=finished,
                             on_block=lambda r: log.info("block %d: %.2fs rel_err calib %s held-out %s", r.index,
                                                         r.seconds, r.calib_rel_error, r.heldout_rel_error))
         timings["prune"] = time.perf_counter() - t
@@ -203,6 +211,7 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
             "perplexity": {"dense": ppl_dense, "compressed": ppl,
                            "windows": {k: list(v.shape) for k, v in corpora.items()}},
             "timings": timings,
+            "resumed_blocks": len(finished),
             "peak_memory": peak_memory(device),
             "outputs": {"dir": str(out)},
         }

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -201,10 +201,12 @@ class SequentialPruner:
 
     @torch.no_grad()
     def run(self, calib: torch.Tensor, heldout: torch.Tensor | None = None, progress: bool = True,
-            on_block=None, recon_calib: torch.Tensor | None = None) -> list[BlockReport]:
+            on_block=None, recon_calib: torch.Tensor | None = None, checkpoints=None,
+            finished: list[dict] | None = None) -> list[BlockReport]:
         """Prune every block. ``calib`` ``[n, seqlen]`` feeds the pruning statistics; ``recon_calib`` (default:
         ``calib``) is what reconstruction trains on and what calibration error is measured on; ``heldout``
-        windows measure held-out error."""
+        windows measure held-out error. ``finished`` (manifest entries of ``checkpoints``) are blocks done
+        by an interrupted run: their weights are loaded and the streams replayed through them, not redone."""
         from tqdm.auto import tqdm
 
         recon = self.recon
@@ -243,6 +245,14 @@ class SequentialPruner:
                 dense_rec.batches = run_block(block, dense_rec, self.device)
                 if dense_held:
                     dense_held.batches = run_block(block, dense_held, self.device)
+            if finished and i < len(finished):  # done by an interrupted run: load, replay, move on
+                for name, mask in checkpoints.load(finished[i], block).items():
+                    self.masks[f"{self.adapter.block_path}.{i}.{name}"] = mask
+                for s in streams:
+                    s.batches = run_block(block, s, self.device)
+                block.to(home)
+                reports.append(BlockReport(**finished[i]["report"]))
+                continue
             br_target = run_block(block, rec, self.device) if recon.enabled and not recon.global_target else None
             self._prune_block(i, block, prune_stream, kind, report)
             if need_dense:
@@ -263,6 +273,8 @@ class SequentialPruner:
                 torch.cuda.synchronize(self.device)
             report.seconds = time.perf_counter() - t0
             reports.append(report)
+            if checkpoints is not None and not recon.cross_block:
+                checkpoints.save(i, block, self._block_masks(i, block), asdict(report))
             if report.calib_rel_error is not None:
                 bar.set_postfix(rel_err=f"{report.calib_rel_error:.4f}")
             if on_block is not None and not recon.cross_block:

@@ -1,0 +1,143 @@
+"""Per-block checkpoints and the run manifest, so that an interrupted compression resumes.
+
+After each finished block its weights and masks go to ``checkpoints/block_XXX.safetensors`` and
+then ``manifest.json`` records it (both written atomically, file before manifest), with the
+config and its hash, the data fingerprint, seeds and library versions. A block counts as done
+only once the manifest names it and its file's checksum matches, so a kill at any instant leaves
+either the old state or the new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from compressor.config import ConfigError
+from compressor.io import atomic_write, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+# settings that do not change the compressed weights (a resume may change them freely)
+_FREE = ("output", "evaluation")
+
+
+def relevant_settings(settings) -> dict:
+    d = asdict(settings)
+    for key in _FREE:
+        d.pop(key, None)
+    d.get("runtime", {}).pop("track_error", None)
+    return d
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def tensor_fingerprint(*tensors: torch.Tensor | None) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is not None:
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class BlockCheckpoints:
+    """Reads and writes one run's per-block checkpoints under ``folder``."""
+
+    def __init__(self, folder: Path, settings, data_fingerprint: str):
+        self.folder = Path(folder)
+        self.config = relevant_settings(settings)
+        self.config_hash = digest(self.config)
+        self.data_fingerprint = data_fingerprint
+        self.blocks: list[dict] = []  # manifest entries of finished blocks, in order
+
+    def _manifest(self) -> dict:
+        return {
+            "config_hash": self.config_hash, "config": self.config, "data_fingerprint": self.data_fingerprint,
+            "seeds": {"calibration": self.config["calibration"]["seed"],
+                      "reconstruction": self.config["reconstruction"]["seed"]},
+            "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                         "python": platform.python_version()},
+            "blocks_done": len(self.blocks), "blocks": self.blocks,
+        }
+
+    def resume(self, start_over: bool = False) -> list[dict]:
+        """Finished blocks recorded by an earlier run of the same config and data ([] for a fresh start).
+
+        Raises ConfigError naming what changed when the folder holds a different run, unless ``start_over``.
+        """
+        path = self.folder / MANIFEST
+        for stale in self.folder.glob(".*.tmp"):  # a killed writer's leftovers: never trusted, removed
+            stale.unlink(missing_ok=True)
+        if start_over or not path.is_file():
+            self.blocks = []
+            return []
+        old = json.loads(path.read_text())
+        changes = []
+        if old.get("config_hash") != self.config_hash:
+            a, b = _flatten(old.get("config", {})), _flatten(self.config)
+            changes = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        if old.get("data_fingerprint") != self.data_fingerprint:
+            changes.append(f"calibration data fingerprint: {old.get('data_fingerprint')} -> {self.data_fingerprint}")
+        if changes:
+            raise ConfigError(
+                f"{self.folder} holds checkpoints of a different run ({'; '.join(changes)}); "
+                "resume with the same config and data, or set output.start_over=true to discard them")
+        good = []
+        for entry in old.get("blocks", []):
+            file = self.folder / entry["file"]
+            if not file.is_file() or _file_sha(file) != entry["sha256"]:
+                log.warning("checkpoint %s is missing or damaged: resuming before it", file)
+                break
+            good.append(entry)
+        self.blocks = good
+        return list(good)
+
+    def load(self, entry: dict, block: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Load a finished block's weights in place; returns its masks by name within the block."""
+        from safetensors.torch import load_file
+
+        tensors = load_file(self.folder / entry["file"])
+        state = {k[len("w."):]: v for k, v in tensors.items() if k.startswith("w.")}
+        block.load_state_dict(state, strict=True)
+        return {k[len("m."):]: v for k, v in tensors.items() if k.startswith("m.")}
+
+    def save(self, index: int, block: torch.nn.Module, masks: dict[str, torch.Tensor], report: dict) -> None:
+        """Write block ``index`` (weights + masks), then record it in the manifest."""
+        from safetensors.torch import save_file
+
+        if index != len(self.blocks):
+            raise RuntimeError(f"checkpoint of block {index} out of order (have {len(self.blocks)} blocks)")
+        tensors = {f"w.{k}": v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
+        tensors.update({f"m.{k}": v.cpu().contiguous() for k, v in masks.items()})
+        for name, t in tensors.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise FloatingPointError(f"block {index}: {name} holds NaN/Inf; not checkpointed")
+        name = f"block_{index:03d}.safetensors"
+        path = atomic_write(self.folder / name, lambda tmp: save_file(tensors, tmp))
+        self.blocks.append({"index": index, "file": name, "sha256": _file_sha(path), "report": report})
+        atomic_write_json(self.folder / MANIFEST, self._manifest())

@@ -1,0 +1,75 @@
+"""Resuming an interrupted compression: checkpoints, refusal on changed config, the SIGKILL fault test."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from compressor.config import CalibrationConfig, ConfigError, EvaluationConfig, OutputConfig, PruningConfig
+from compressor.pipeline import RunSettings, compress
+from conftest import tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(" ".join(f"word{i % 97} and more text {i}" for i in range(3000)))
+    return path
+
+
+def settings(out, text_file, sparsity=0.5):
+    return RunSettings(pruning=PruningConfig(method="sparsegpt", sparsity=sparsity),
+                       calibration=CalibrationConfig(sources=[str(text_file)], num_samples=4, seqlen=32),
+                       evaluation=EvaluationConfig(datasets=[], dense_baseline=False),
+                       output=OutputConfig(dir=str(out), plots=False))
+
+
+def run(out, text_file, tokenizer, sparsity=0.5, seed=0):
+    model = tiny_llama(layers=3, vocab=len(tokenizer), seed=seed)
+    model.config.model_type = "llama"
+    return compress(settings(out, text_file, sparsity), "cpu", progress=False, model_and_tokenizer=(model, tokenizer))
+
+
+def test_checkpoints_resume_and_skip_finished_blocks(tmp_path, text_file, smollm2_tokenizer, monkeypatch):
+    first = run(tmp_path / "a", text_file, smollm2_tokenizer)
+    manifest = json.loads((tmp_path / "a" / "checkpoints" / "manifest.json").read_text())
+    assert manifest["blocks_done"] == 3 and first["resumed_blocks"] == 0
+    # rerun: every block is loaded, none pruned again
+    import compressor.sequential as seq
+
+    monkeypatch.setattr(seq, "prune_weight", lambda *a, **k: pytest.fail("a finished block was pruned again"))
+    second = run(tmp_path / "a", text_file, smollm2_tokenizer)
+    assert second["resumed_blocks"] == 3
+    a = load_file(tmp_path / "a" / "masks.safetensors")
+    assert all(torch.equal(a[k], v) for k, v in load_file(tmp_path / "a" / "masks.safetensors").items())
+
+
+def test_resume_with_changed_config_is_refused_naming_the_change(tmp_path, text_file, smollm2_tokenizer):
+    run(tmp_path / "a", text_file, smollm2_tokenizer)
+    with pytest.raises(ConfigError, match=r"pruning.sparsity: 0.5 -> 0.6.*output.start_over=true"):
+        run(tmp_path / "a", text_file, smollm2_tokenizer, sparsity=0.6)
+
+
+def test_damaged_checkpoint_is_not_trusted(tmp_path, text_file, smollm2_tokenizer):
+    run(tmp_path / "a", text_file, smollm2_tokenizer)
+    (tmp_path / "a" / "checkpoints" / "block_001.safetensors").write_bytes(b"torn")
+    again = run(tmp_path / "a", text_file, smollm2_tokenizer)
+    assert again["resumed_blocks"] == 1  # block 0 loaded; 1 and 2 redone
+
+
+def test_sigkill_fault_test_small_scale(tmp_path, shared_data, smollm2_tokenizer):
+    out = tmp_path / "fault.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "fault.py"), "--kills", "3", "--blocks", "6",
+                           "--workdir", str(tmp_path / "w"), "--out", str(out),
+                           "--calib", str(shared_data / "wikitext-2" / "wiki.valid.tokens")],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["kills"] == 3 and result["identical"] is True
+    assert result["untrustworthy_checkpoints_seen"] == 0
