@@ -7,6 +7,7 @@ import logging
 import os
 import platform
 import resource
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -75,6 +76,20 @@ def preflight(settings: RunSettings):
     return config
 
 
+def check_disk_space(model, output: OutputConfig, out: Path) -> int:
+    """Refuse to start when the output folder's disk cannot hold model, masks and block checkpoints."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    linear = sum(weight_of(m).numel() for _, m in ModelAdapter(model).iter_linears())
+    need = (weights if output.save_model else 0) + (linear if output.save_masks else 0)
+    if output.checkpoint:
+        need += weights + linear  # block checkpoints hold the blocks' weights and masks again
+    free = shutil.disk_usage(out).free
+    if need > free:
+        raise ConfigError(f"output.dir={str(out)!r} has {free / 1e9:.2f} GB free; the outputs need about "
+                          f"{need / 1e9:.2f} GB (model, masks, checkpoints): free space or choose another output.dir")
+    return need
+
+
 def attach_log_file(path: Path) -> logging.Handler:
     """Log everything from the package to ``path`` as well as the console."""
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
@@ -137,6 +152,7 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
         model, tokenizer = model_and_tokenizer or load_model(settings.model)
         adapter = ModelAdapter(model)
         timings["load"] = time.perf_counter() - t
+        check_disk_space(model, settings.output, out)
 
         t = time.perf_counter()
         gen_device = device

@@ -73,3 +73,16 @@ def test_sigkill_fault_test_small_scale(tmp_path, shared_data, smollm2_tokenizer
     result = json.loads(out.read_text())
     assert result["kills"] == 3 and result["identical"] is True
     assert result["untrustworthy_checkpoints_seen"] == 0
+
+
+def test_insufficient_disk_space_is_refused(tmp_path, monkeypatch):
+    import shutil as sh
+
+    from compressor.config import OutputConfig
+    from compressor.pipeline import check_disk_space
+
+    model = tiny_llama(layers=2)
+    assert check_disk_space(model, OutputConfig(), tmp_path) > 0
+    monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(10, 10, 0))
+    with pytest.raises(ConfigError, match="has 0.00 GB free; the outputs need about"):
+        check_disk_space(model, OutputConfig(), tmp_path)
