@@ -134,6 +134,16 @@ def run_block(block: nn.Module, stream: Stream, device, on_batch=None) -> list[t
     return outs
 
 
+def check_finite(index: int, batches: list[torch.Tensor]) -> None:
+    """Stop before anything is checkpointed when a block's outputs hold NaN/Inf."""
+    for b in batches:
+        if not torch.isfinite(b).all():
+            raise FloatingPointError(
+                f"block {index} produced NaN/Inf activations after pruning/reconstruction; nothing of it was "
+                "checkpointed. Try float32 (model.source.dtype), more damping (pruning.percdamp) or a lower "
+                "reconstruction lr.")
+
+
 def stream_error(dense: list[torch.Tensor], sparse: list[torch.Tensor], device) -> tuple[float, float]:
     """(normalized error (1/(N*T*H)) ||dense - sparse||^2, relative error ||dense - sparse||^2 / ||dense||^2)."""
     sq, ref, n = 0.0, 0.0, 0
@@ -267,6 +277,7 @@ class SequentialPruner:
                               progress)
                 for s in streams:
                     s.batches = run_block(block, s, self.device)
+                check_finite(i, rec.batches)
                 self._measure(report, rec, dense_rec, held, dense_held)
             block.to(home)
             if self.device.type == "cuda":

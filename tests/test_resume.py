@@ -86,3 +86,11 @@ def test_insufficient_disk_space_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(10, 10, 0))
     with pytest.raises(ConfigError, match="has 0.00 GB free; the outputs need about"):
         check_disk_space(model, OutputConfig(), tmp_path)
+
+
+def test_non_finite_activations_stop_before_checkpointing():
+    from compressor.sequential import check_finite
+
+    check_finite(0, [torch.ones(2, 3)])
+    with pytest.raises(FloatingPointError, match="block 4 produced NaN/Inf activations"):
+        check_finite(4, [torch.ones(2, 3), torch.tensor([[float("nan")]])])
