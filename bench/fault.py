@@ -82,8 +82,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--blocks", type=int, default=8)
-    ap.add_argument("--samples", type=int, default=48, help="calibration windows of 128 tokens")
-    ap.add_argument("--epochs", type=int, default=4, help="reconstruction epochs per block")
+    ap.add_argument("--samples", type=int, default=64, help="calibration windows of 128 tokens")
+    ap.add_argument("--epochs", type=int, default=8, help="reconstruction epochs per block")
     ap.add_argument("--workdir", default="outputs/fault")
     ap.add_argument("--calib", default=str(ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"))
     ap.add_argument("--seed", type=int, default=0)
@@ -99,27 +99,43 @@ def main() -> None:
     make_model(work / "model", args.blocks)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
+    def started(proc, log: Path, size: int) -> float:
+        """Wait until the run writes to its log (imports done, work begun); returns the time waited."""
+        t = time.perf_counter()
+        while proc.poll() is None and (not log.exists() or log.stat().st_size <= size):
+            time.sleep(0.05)
+        return time.perf_counter() - t
+
     t = time.perf_counter()
-    subprocess.run(command(work / "model", args.calib, work / "reference", args.samples, args.epochs), check=True, env=env,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ref = subprocess.Popen(command(work / "model", args.calib, work / "reference", args.samples, args.epochs), env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    startup = started(ref, work / "reference" / "compress.log", 0)
+    if ref.wait() != 0:
+        raise SystemExit("the uninterrupted run failed")
     duration = time.perf_counter() - t
-    print(f"uninterrupted run: {duration:.1f}s")
+    work_seconds = duration - startup
+    print(f"uninterrupted run: {duration:.1f}s ({startup:.1f}s start-up, {work_seconds:.1f}s of work)")
 
     out = work / "faulty"
-    kills = runs = 0
+    log = out / "compress.log"
+    kills = runs = resumes_before = 0
     trusted_partial = 0
     while kills < args.kills:
         runs += 1
+        size = log.stat().st_size if log.exists() else 0
+        manifest = out / "checkpoints" / "manifest.json"
         proc = subprocess.Popen(command(work / "model", args.calib, out, args.samples, args.epochs), env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started(proc, log, size)
+        # a random instant within one run's work: statistics, pruning, reconstruction, checkpoint or output
+        # writes (a resumed run that finishes first is started over, so kills keep landing in work)
         try:
-            proc.wait(timeout=rng.uniform(0.2 * duration, 1.0 * duration))
+            proc.wait(timeout=rng.uniform(0.0, work_seconds))
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             kills += 1
-            done = json.loads((out / "checkpoints" / "manifest.json").read_text())["blocks_done"] \
-                if (out / "checkpoints" / "manifest.json").exists() else 0
+            done = json.loads(manifest.read_text())["blocks_done"] if manifest.exists() else 0
             ok = checkpoints_trustworthy(out)
             trusted_partial += not ok
             print(f"kill {kills:2d}: blocks checkpointed {done}/{args.blocks}, checkpoints trustworthy: {ok}",
@@ -130,14 +146,16 @@ def main() -> None:
         # finished before the kill: start over so that every kill lands in a run
         import shutil
 
+        resumes_before += log.read_text().count("resuming:")
         shutil.rmtree(out, ignore_errors=True)
     runs += 1
     subprocess.run(command(work / "model", args.calib, out, args.samples, args.epochs), check=True, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = (out / "compress.log").read_text()
-    resumes = log.count("resuming:")
+    resumes = resumes_before + log.count("resuming:")
     same = identical(work / "reference", out)
     result = {"kills": kills, "resumes": resumes, "runs": runs, "identical": same,
+              "completed_then_restarted": runs - kills - 1,
               "untrustworthy_checkpoints_seen": trusted_partial, "blocks": args.blocks,
               "uninterrupted_seconds": round(duration, 1)}
     print(json.dumps(result))
