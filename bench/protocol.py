@@ -4,7 +4,8 @@
     python bench/protocol.py --model $HOME/stage/SmolLM2-135M-Instruct.Q4_1.gguf --data $HOME/stage/data \\
         --settings sparsegpt:0.5:br+gp wanda:2:4:br --out bench/results/protocol_reconstruction.json
 
-A setting is METHOD:PATTERN[:RECONSTRUCTION], PATTERN a sparsity (0.5) or N:M (2:4). Loads the model
+A setting is METHOD:PATTERN[:RECONSTRUCTION][:ALLOCATOR][:QUANTIZER], PATTERN a sparsity (0.5) or N:M
+(2:4), ALLOCATOR uniform/owl/hessian, QUANTIZER rtn/gptq (4-bit, groups of 128), e.g. sparsegpt:0.7:hessian. Loads the model
 once, restores the dense weights before each setting, and runs the same pipeline as
 ``python cli.py fit`` (compressor.pipeline.compress). Reconstruction calibrates on 256 x 1024
 windows of wiki.valid.tokens (seed 0), optionally plus self-generated samples. Prints a table and
@@ -38,20 +39,33 @@ from compressor.config import (  # noqa: E402
 from compressor.io import atomic_write_json  # noqa: E402
 from compressor.models.loading import load_model  # noqa: E402
 from compressor.pipeline import RunSettings, compress, machine_name  # noqa: E402
-from compressor.reconstruction.module import ReconstructionConfig  # noqa: E402
+from compressor.quant.int4 import METHODS as QUANT_METHODS  # noqa: E402
+from compressor.quant.int4 import QuantizationConfig  # noqa: E402
+from compressor.reconstruction.module import MODES, ReconstructionConfig  # noqa: E402
+from compressor.schedule.allocate import ALLOCATORS, ScheduleConfig  # noqa: E402
 
 CORE = ["sparsegpt:0.5", "sparsegpt:2:4", "sparsegpt:4:8", "wanda:0.5", "wanda:2:4", "magnitude:0.5"]
 
 
-def parse_setting(text: str) -> tuple[PruningConfig, str]:
+def parse_setting(text: str) -> tuple[PruningConfig, str, str, str]:
+    """-> (pruning, reconstruction mode, allocator, quantizer)."""
     parts = text.split(":")
     method, rest = parts[0], parts[1:]
-    mode = "lr"
-    if rest and rest[-1] in ("lr", "br", "br+gp", "br+gp+cr"):
-        mode = rest.pop()
+    mode, allocator, quant = "lr", "uniform", "none"
+    while rest and not rest[-1].replace(".", "").isdigit():
+        word = rest.pop()
+        if word in MODES:
+            mode = word
+        elif word in ALLOCATORS:
+            allocator = word
+        elif word in QUANT_METHODS:
+            quant = word
+        else:
+            raise SystemExit(f"setting {text!r}: {word!r} is not a reconstruction mode {MODES}, allocator "
+                             f"{ALLOCATORS} or quantizer {QUANT_METHODS}")
     if len(rest) == 2:
-        return PruningConfig(method=method, pattern=f"{rest[0]}:{rest[1]}"), mode
-    return PruningConfig(method=method, sparsity=float(rest[0])), mode
+        return PruningConfig(method=method, pattern=f"{rest[0]}:{rest[1]}"), mode, allocator, quant
+    return PruningConfig(method=method, sparsity=float(rest[0])), mode, allocator, quant
 
 
 def main() -> None:
@@ -71,6 +85,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4, help="reconstruction learning rate")
     ap.add_argument("--max-windows", type=int, default=None, help="evaluate fewer windows (smoke runs only)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
+    ap.add_argument("--granularity", default="block", help="schedule granularity: block or layer")
+    ap.add_argument("--spread", type=float, default=0.1, help="hessian schedule: range target +- spread")
+    ap.add_argument("--level-step", type=float, default=0.5, help="hessian schedule: decades per level")
+    ap.add_argument("--owl-lambda", type=float, default=0.08)
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -81,7 +99,7 @@ def main() -> None:
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     records = []
     for i, text in enumerate(args.settings):
-        pruning, mode = parse_setting(text)
+        pruning, mode, allocator, quant = parse_setting(text)
         pruning.sequential_within_block = args.sequential_within_block
         model.load_state_dict(dense_state)
         recon_sources = [calib_file] + ([GENERATED] if args.recon_generated else [])
@@ -101,20 +119,36 @@ def main() -> None:
             runtime=RuntimeConfig(batch_size=args.batch_size),
             reconstruction=ReconstructionConfig(mode=mode, epochs=args.epochs, precision=args.precision, lr=args.lr),
             recon_calibration=recon_calib if mode != "lr" else None,
+            schedule=ScheduleConfig(allocator=allocator, granularity=args.granularity, spread=args.spread,
+                                    level_step=args.level_step, owl_lambda=args.owl_lambda),
+            quantization=QuantizationConfig(method=quant),
         )
         t = time.perf_counter()
         report = compress(run, device, progress=False, model_and_tokenizer=(model, tokenizer))
         seconds = time.perf_counter() - t
         last = report["blocks"][-1]
-        common = {"model": "smollm2-135m", "schedule": "uniform",
+        common = {"model": "smollm2-135m",
                   "sequential_within_block": args.sequential_within_block, "calib_batch_size": args.batch_size,
                   "eval_windows": report["perplexity"]["windows"][eval_file][0]}
         if report["perplexity"]["dense"]:
-            records.append({**common, "method": "dense", "pattern": "0", "reconstruction": "lr",
+            records.append({**common, "method": "dense", "pattern": "0", "reconstruction": "lr", "schedule": "uniform",
                             "ppl": report["perplexity"]["dense"][eval_file]})
+        extra = {}
+        if allocator != "uniform":
+            sched = report["schedule"]
+            extra.update(granularity=args.granularity, schedule_range=sched["range"],
+                         schedule_seconds=round(sched["seconds"], 2),
+                         level_step=args.level_step if allocator == "hessian" else None,
+                         sparsity_min=min(sched["sparsity"].values()), sparsity_max=max(sched["sparsity"].values()),
+                         unit_sparsity=[u["sparsity"] for u in sched["units"]])
+        if quant != "none":
+            q = report["quantization"]
+            extra.update(bits=q["bits"], quantizer=q["method"], group_size=q["group_size"],
+                         bits_per_weight=q["bits_per_weight"]["total"], quant_output_error=q["output_error_total"])
         train = [t for b in report["blocks"] for t in b["training"]]
         records.append({
             **common, "method": pruning.method, "pattern": pruning.label, "reconstruction": mode,
+            "schedule": allocator, **extra,
             "ppl": report["perplexity"]["compressed"][eval_file],
             "calib_error": last["calib_error"], "heldout_error": last["heldout_error"],
             "calib_rel_error": last["calib_rel_error"], "heldout_rel_error": last["heldout_rel_error"],
@@ -131,9 +165,11 @@ def main() -> None:
         print(json.dumps({k: v for k, v in records[-1].items() if not k.startswith("per_block")}), flush=True)
         atomic_write_json(args.out, {"machine": machine_name(device), "date": datetime.date.today().isoformat(),
                                      "command": "python " + " ".join(sys.argv), "records": records})
-    print(f"\n{'method':<10} {'pattern':<8} {'recon':<9} {'ppl':>10} {'calib_err':>10} {'heldout_err':>11}")
+    print(f"\n{'method':<10} {'pattern':<8} {'recon':<9} {'schedule':<9} {'quant':<6} {'ppl':>10} {'calib_err':>10} "
+          f"{'heldout_err':>11}")
     for r in records:
-        print(f"{r['method']:<10} {r['pattern']:<8} {r['reconstruction']:<9} {r['ppl']:>10.2f} "
+        print(f"{r['method']:<10} {r['pattern']:<8} {r['reconstruction']:<9} {r['schedule']:<9} "
+              f"{r.get('quantizer') or '-':<6} {r['ppl']:>10.2f} "
               f"{r.get('calib_rel_error') or 0:>10.4f} {r.get('heldout_rel_error') or 0:>11.4f}")
     print(f"written {args.out}")
 

@@ -68,8 +68,9 @@ def _file_sha(path: Path) -> str:
 class BlockCheckpoints:
     """Reads and writes one run's per-block checkpoints under ``folder``."""
 
-    def __init__(self, folder: Path, settings, data_fingerprint: str):
+    def __init__(self, folder: Path, settings, data_fingerprint: str, schedule: dict[str, float] | None = None):
         self.folder = Path(folder)
+        self.schedule = schedule
         self.config = relevant_settings(settings)
         self.config_hash = digest(self.config)
         self.data_fingerprint = data_fingerprint
@@ -82,7 +83,7 @@ class BlockCheckpoints:
                       "reconstruction": self.config["reconstruction"]["seed"]},
             "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
                          "python": platform.python_version()},
-            "blocks_done": len(self.blocks), "blocks": self.blocks,
+            "schedule": self.schedule, "blocks_done": len(self.blocks), "blocks": self.blocks,
         }
 
     def resume(self, start_over: bool = False) -> list[dict]:
@@ -117,23 +118,27 @@ class BlockCheckpoints:
         self.blocks = good
         return list(good)
 
-    def load(self, entry: dict, block: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """Load a finished block's weights in place; returns its masks by name within the block."""
+    def load(self, entry: dict, block: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Load a finished block's weights in place; returns its masks and quantized tensors by name within the
+        block."""
         from safetensors.torch import load_file
 
         tensors = load_file(self.folder / entry["file"])
         state = {k[len("w."):]: v for k, v in tensors.items() if k.startswith("w.")}
         block.load_state_dict(state, strict=True)
-        return {k[len("m."):]: v for k, v in tensors.items() if k.startswith("m.")}
+        masks = {k[len("m."):]: v for k, v in tensors.items() if k.startswith("m.")}
+        return masks, {k[len("q."):]: v for k, v in tensors.items() if k.startswith("q.")}
 
-    def save(self, index: int, block: torch.nn.Module, masks: dict[str, torch.Tensor], report: dict) -> None:
-        """Write block ``index`` (weights + masks), then record it in the manifest."""
+    def save(self, index: int, block: torch.nn.Module, masks: dict[str, torch.Tensor], report: dict,
+             quantized: dict[str, torch.Tensor] | None = None) -> None:
+        """Write block ``index`` (weights, masks, quantized codes/scales/zeros), then record it in the manifest."""
         from safetensors.torch import save_file
 
         if index != len(self.blocks):
             raise RuntimeError(f"checkpoint of block {index} out of order (have {len(self.blocks)} blocks)")
         tensors = {f"w.{k}": v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
         tensors.update({f"m.{k}": v.cpu().contiguous() for k, v in masks.items()})
+        tensors.update({f"q.{k}": v.cpu().contiguous() for k, v in (quantized or {}).items()})
         for name, t in tensors.items():
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise FloatingPointError(f"block {index}: {name} holds NaN/Inf; not checkpointed")

@@ -26,10 +26,13 @@ from compressor.config import (
     RuntimeConfig,
 )
 from compressor.data.text import DataError
+from compressor.quant.int4 import QuantizationConfig
 from compressor.reconstruction.module import ReconstructionConfig
+from compressor.schedule.allocate import ScheduleConfig
 
 DESCRIPTION = """compressor: prune Hugging Face causal LMs block by block (magnitude, Wanda, SparseGPT;
-unstructured or N:M) and measure what was lost.
+unstructured or N:M), reconstruct blocks against the dense model, spread sparsity over layers,
+quantize the kept weights to 4 bits, and measure what was lost.
 
   fit       compress a model (sequential pruning), evaluate it, save model + masks + report
   validate  measure perplexity and sparsity of a model or a compressed output folder (output.dir/model)
@@ -37,6 +40,7 @@ unstructured or N:M) and measure what was lost.
 Examples:
   python cli.py fit --config configs/quickstart.yaml
   python cli.py fit --config configs/protocol.yaml --model.pruning.method wanda --model.pruning.pattern 2:4
+  python cli.py fit --config configs/schedule.yaml --model.schedule.dry_run true
   python cli.py validate --model.source.name_or_path outputs/quickstart/model --data.evaluation.datasets [wikitext2]
   python cli.py fit --config configs/quickstart.yaml --print_config
 """
@@ -59,6 +63,8 @@ class CompressionTask(LightningModule):
         pruning: PruningConfig = PruningConfig(),
         runtime: RuntimeConfig = RuntimeConfig(),
         reconstruction: ReconstructionConfig = ReconstructionConfig(),
+        schedule: ScheduleConfig = ScheduleConfig(),
+        quantization: QuantizationConfig = QuantizationConfig(),
     ):
         """
         Args:
@@ -66,14 +72,20 @@ class CompressionTask(LightningModule):
             pruning: criterion, sparsity and pattern.
             runtime: batch size, where activations live, error tracking.
             reconstruction: block-wise reconstruction after pruning (lr = none, br, br+gp, br+gp+cr).
+            schedule: how the target sparsity is spread over blocks or layers (uniform, owl, hessian); dry_run
+                prints the schedule without pruning.
+            quantization: low-bit weights for the kept weights (none, rtn, gptq; 4 bits, groups of 128).
         """
         super().__init__()
         self.source = source
         self.pruning = pruning
         self.runtime = runtime
         self.reconstruction = reconstruction
+        self.schedule = schedule
+        self.quantization = quantization
         self.save_hyperparameters({"source": asdict(source), "pruning": asdict(pruning), "runtime": asdict(runtime),
-                                   "reconstruction": asdict(reconstruction)})
+                                   "reconstruction": asdict(reconstruction), "schedule": asdict(schedule),
+                                   "quantization": asdict(quantization)})
 
 
 class CalibrationData(LightningDataModule):
@@ -126,7 +138,8 @@ class CompressorCLI(LightningCLI):
                               "output.dir/checkpoints; rerunning the same command resumes from them too)")
         settings = RunSettings(model=model.source, pruning=model.pruning, calibration=datamodule.calibration,
                                evaluation=datamodule.evaluation, output=self._output(), runtime=model.runtime,
-                               reconstruction=model.reconstruction, recon_calibration=datamodule.recon_calibration)
+                               reconstruction=model.reconstruction, recon_calibration=datamodule.recon_calibration,
+                               schedule=model.schedule, quantization=model.quantization)
         compress(settings, self.device)
 
     def validate(self, model: CompressionTask, datamodule: CalibrationData, **_):

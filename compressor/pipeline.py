@@ -31,9 +31,12 @@ from compressor.evaluation import perplexity
 from compressor.io import atomic_write, atomic_write_dir, atomic_write_json
 from compressor.models.adapters import ModelAdapter, check_supported, max_context, weight_of
 from compressor.models.loading import load_config, load_model
+from compressor.quant.int4 import QuantizationConfig, bits_per_weight
 from compressor.reconstruction.module import ReconstructionConfig
 from compressor.report import plot_block_error, plot_sparsity, print_summary
-from compressor.sequential import SequentialPruner
+from compressor.schedule.allocate import ScheduleConfig
+from compressor.schedule.schedule import Schedule, build_schedule, plot_schedule, schedule_table
+from compressor.sequential import SequentialPruner, choose_store_device
 
 log = logging.getLogger("compressor")
 
@@ -51,10 +54,13 @@ class RunSettings:
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
     recon_calibration: CalibrationConfig | None = None
     """Calibration for reconstruction training (the paper uses 256 x 1024); None: the pruning windows."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
 
 
 def preflight(settings: RunSettings):
     """Every check that needs no weights: family, context length, output folder. Returns the model config."""
+    settings.schedule.check(settings.pruning.target_sparsity, settings.pruning.nm)
     config = load_config(settings.model)
     check_supported(config.model_type)
     limit = max_context(config)
@@ -169,25 +175,34 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
 
         ppl_dense: dict[str, float] = {}
         t = time.perf_counter()
-        if settings.evaluation.dense_baseline:
+        if settings.evaluation.dense_baseline and not settings.schedule.dry_run:
             for name, windows in corpora.items():
                 ppl_dense[name] = perplexity(model, windows, device, progress=progress, desc=f"dense ppl {name}")
                 log.info("dense perplexity on %s: %.3f", name, ppl_dense[name])
         timings["dense_eval"] = time.perf_counter() - t
+
+        schedule = None
+        if settings.schedule.needs_statistics:
+            schedule = make_schedule(settings, model, calib, device, out, progress)
+            timings["schedule"] = schedule.seconds
+            if settings.schedule.dry_run:
+                return dry_run_report(settings, schedule, timings, device, out)
 
         heldout = None
         if corpora and settings.evaluation.heldout_samples:
             heldout = next(iter(corpora.values()))[: settings.evaluation.heldout_samples]
         checkpoints, finished = None, []
         if settings.output.checkpoint and not settings.reconstruction.cross_block:
-            checkpoints = BlockCheckpoints(out / "checkpoints", settings, tensor_fingerprint(calib, recon_calib))
+            checkpoints = BlockCheckpoints(out / "checkpoints", settings, tensor_fingerprint(calib, recon_calib),
+                                           schedule.sparsity if schedule else None)
             finished = checkpoints.resume(settings.output.start_over)
             if finished:
                 log.info("resuming: %d finished blocks loaded from %s", len(finished), out / "checkpoints")
         t = time.perf_counter()
         pruner = SequentialPruner(model, settings.pruning, settings.runtime, device,
+                                  sparsity_map=schedule.sparsity if schedule else None,
                                   reconstruction=settings.reconstruction, log_dir=out / "logs",
-                                  accelerator=accelerator)
+                                  accelerator=accelerator, quantization=settings.quantization)
         blocks = pruner.run(calib, heldout, progress=progress, recon_calib=recon_calib, checkpoints=checkpoints,
                             finished=finished,
                             on_block=lambda r: log.info("block %d: %.2fs rel_err calib %s held-out %s", r.index,
@@ -217,7 +232,9 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
             "model": {"name": settings.model.name_or_path, "family": adapter.model_type,
                       "blocks": len(adapter.blocks), "parameters": total, "nonzero": nonzero},
             "pruning": {"method": settings.pruning.method, "pattern": settings.pruning.label,
-                        "reconstruction": settings.reconstruction.mode},
+                        "reconstruction": settings.reconstruction.mode, "schedule": settings.schedule.allocator},
+            "schedule": schedule.to_dict() if schedule else None,
+            "quantization": quantization_summary(settings.quantization, pruner, blocks),
             "calibration": {"sources": settings.calibration.sources, "windows": int(calib.shape[0]),
                             "seqlen": int(calib.shape[1]), "tokens": int(calib.numel()),
                             "reconstruction_windows": list(recon_calib.shape) if recon_calib is not None else None},
@@ -232,7 +249,7 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
             "outputs": {"dir": str(out)},
         }
         t = time.perf_counter()
-        save_outputs(report, model, tokenizer, pruner.masks, settings, out)
+        save_outputs(report, model, tokenizer, pruner.masks, settings, out, pruner.quantized)
         timings["save"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - started
         atomic_write_json(out / "report.json", report)
@@ -244,8 +261,54 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
         handler.close()
 
 
-def save_outputs(report: dict, model, tokenizer, masks: dict, settings: RunSettings, out: Path) -> None:
-    """Model folder, masks and plots, each written atomically; paths recorded in the report."""
+def make_schedule(settings: RunSettings, model, calib: torch.Tensor, device: torch.device, out: Path,
+                  progress: bool) -> Schedule:
+    """The dense statistics pass and the allocator; the schedule is written to schedule.json (+ png)."""
+    hidden = getattr(model.config, "hidden_size", None) or model.config.n_embd
+    need = 2 * calib.numel() * hidden * torch.finfo(model.dtype).bits // 8
+    store = choose_store_device(need, device, settings.runtime.activations)
+    schedule = build_schedule(model, calib, settings.schedule, settings.pruning, settings.runtime.batch_size, device,
+                              store, progress)
+    atomic_write_json(out / "schedule.json", schedule.to_dict())
+    if settings.output.plots:
+        plot_schedule(schedule, out / "schedule.png")
+    return schedule
+
+
+def dry_run_report(settings: RunSettings, schedule: Schedule, timings: dict, device, out: Path) -> dict:
+    """``schedule.dry_run``: print the schedule and stop before pruning."""
+    from rich.console import Console
+
+    report = {"tool": "compressor", "dry_run": True, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "command": " ".join(sys.argv), "machine": machine_name(device), "settings": asdict(settings),
+              "schedule": schedule.to_dict(), "timings": timings, "peak_memory": peak_memory(device),
+              "outputs": {"dir": str(out), "schedule": str(out / "schedule.json"),
+                          "schedule_plot": str(out / "schedule.png") if settings.output.plots else None}}
+    atomic_write_json(out / "report.json", report)
+    Console().print(schedule_table(schedule))
+    print(f"dry run: schedule computed in {schedule.seconds:.1f}s, nothing pruned; written {out / 'schedule.json'}")
+    return report
+
+
+def quantization_summary(cfg: QuantizationConfig, pruner: SequentialPruner, blocks) -> dict | None:
+    """Bits per weight (values, scales, mask) over the quantized layers, and the per-layer output error."""
+    if not cfg.enabled:
+        return None
+    numel = kept = groups = 0
+    for name, mask in pruner.masks.items():
+        if f"{name}.scales" in pruner.quantized:
+            numel += mask.numel()
+            kept += int(mask.sum())
+            groups += pruner.quantized[f"{name}.scales"].numel()
+    errors = {f"{b.index}.{n}": e for b in blocks for n, e in b.quant_error.items()}
+    return {"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size,
+            "bits_per_weight": bits_per_weight(numel, kept, groups, cfg.bits),
+            "output_error_total": sum(errors.values()) if errors else None, "layer_output_error": errors}
+
+
+def save_outputs(report: dict, model, tokenizer, masks: dict, settings: RunSettings, out: Path,
+                 quantized: dict | None = None) -> None:
+    """Model folder, masks, packed low-bit layers and plots, each written atomically; paths in the report."""
     from safetensors.torch import save_file
 
     outputs = report["outputs"]
@@ -260,6 +323,19 @@ def save_outputs(report: dict, model, tokenizer, masks: dict, settings: RunSetti
     if settings.output.save_masks and masks:
         contiguous = {k: v.contiguous() for k, v in masks.items()}
         outputs["masks"] = str(atomic_write(out / "masks.safetensors", lambda tmp: save_file(contiguous, tmp)))
+    if quantized:
+        from compressor.quant.pack import pack_layer
+
+        packed = {}
+        for name, mask in masks.items():
+            if f"{name}.codes" in quantized:
+                layer = pack_layer(quantized[f"{name}.codes"], mask, quantized[f"{name}.scales"],
+                                   quantized[f"{name}.zeros"])
+                packed.update({f"{name}.{k}": v for k, v in layer.items()})
+        meta = {"group_size": str(settings.quantization.group_size), "bits": str(settings.quantization.bits)}
+        path = atomic_write(out / "quantized.safetensors", lambda tmp: save_file(packed, tmp, metadata=meta))
+        outputs["quantized"] = str(path)
+        report["quantization"]["file_bytes"] = path.stat().st_size
     if settings.output.plots:
         outputs["sparsity_plot"] = str(plot_sparsity(report["sparsity"]["per_layer"], out / "sparsity.png",
                                                      report["sparsity"]["target"]))

@@ -45,6 +45,18 @@ def summary_table(report: dict):
                           _fmt(last.get("calib_rel_error_pruned"), 4))
             seconds = sum(t["seconds"] for b in blocks for t in b.get("training", []))
             table.add_row("reconstruction training time (s)", "", f"{seconds:.1f}")
+    sched = report.get("schedule")
+    if sched:
+        sp_values = list(sched["sparsity"].values())
+        table.add_row(f"schedule ({sched['allocator']} per {sched['granularity']})", "",
+                      f"{min(sp_values):.3f} .. {max(sp_values):.3f}, mean {sched['mean']:.4f} "
+                      f"({sched['seconds']:.1f}s dense pass)")
+    quant = report.get("quantization")
+    if quant:
+        bpw = quant["bits_per_weight"]
+        table.add_row(f"weights: {quant['method']} INT{quant['bits']} g{quant['group_size']}", "32",
+                      f"{bpw['total']:.3f} bits/weight (values {bpw['values']:.2f} + mask {bpw['mask']:.2f} "
+                      f"+ scales {bpw['scales']:.3f})")
     t = report["timings"]
     table.add_row("time: pruning / total (s)", "", f"{t['prune']:.1f} / {t['total']:.1f}")
     mem = report["peak_memory"]

@@ -24,6 +24,7 @@ from compressor.pruning.masks import achieved_sparsity
 from compressor.pruning.prune import needs_statistics, prune_weight
 from compressor.pruning.sparsegpt import output_error
 from compressor.pruning.statistics import BlockStatistics
+from compressor.quant.int4 import QuantizationConfig, quantize_gptq, quantize_rtn
 from compressor.reconstruction.fit import fit_window
 from compressor.reconstruction.module import ReconstructionConfig, window_masks
 
@@ -66,6 +67,7 @@ class BlockReport:
     calib_error_pruned: float | None = None
     calib_rel_error_pruned: float | None = None
     training: list[dict] = field(default_factory=list)
+    quant_error: dict[str, float] = field(default_factory=dict)
     shared_inputs: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -176,7 +178,8 @@ class SequentialPruner:
 
     def __init__(self, model: nn.Module, pruning: PruningConfig, runtime: RuntimeConfig, device: torch.device,
                  sparsity_map: dict[str, float] | None = None, reconstruction: ReconstructionConfig | None = None,
-                 log_dir: Path | None = None, accelerator: str = "auto"):
+                 log_dir: Path | None = None, accelerator: str = "auto",
+                 quantization: QuantizationConfig | None = None):
         self.model = model
         self.adapter = ModelAdapter(model)
         self.pruning = pruning
@@ -186,7 +189,10 @@ class SequentialPruner:
         self.recon = reconstruction or ReconstructionConfig()
         self.log_dir = log_dir
         self.accelerator = accelerator
+        self.quant = quantization or QuantizationConfig()
         self.masks: dict[str, torch.Tensor] = {}
+        self.quantized: dict[str, torch.Tensor] = {}  # "<layer>.codes|scales|zeros" -> tensor (CPU)
+        self._hessians: dict[int, dict[str, torch.Tensor]] = {}  # per block, kept until it is quantized
 
     def _stream_bytes(self, n_windows: int, seqlen: int) -> int:
         hidden = self.model.config.hidden_size if hasattr(self.model.config, "hidden_size") else self.model.config.n_embd
@@ -196,9 +202,31 @@ class SequentialPruner:
             streams *= 2  # the previous block's inputs are kept for the window
         return 2 * streams * n_windows * seqlen * hidden * elem  # inputs + outputs of one block
 
-    def _block_masks(self, i: int, block: nn.Module) -> dict[str, torch.Tensor]:
+    def _block_masks(self, i: int, block: nn.Module, source: dict | None = None) -> dict[str, torch.Tensor]:
         prefix = f"{self.adapter.block_path}.{i}."
-        return {k[len(prefix):]: v for k, v in self.masks.items() if k.startswith(prefix)}
+        source = self.masks if source is None else source
+        return {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)}
+
+    def _quantize_block(self, i: int, block: nn.Module, report: BlockReport) -> None:
+        """Quantize the kept weights of block ``i`` once they are final (after pruning and reconstruction)."""
+        if not self.quant.enabled:
+            return
+        hessians = self._hessians.pop(i, {})
+        q = self.quant
+        for name, module in self.adapter.linears(block).items():
+            full = f"{self.adapter.block_path}.{i}.{name}"
+            if full not in self.masks:
+                continue
+            w, mask = weight_of(module).detach().float(), self.masks[full].to(self.device)
+            if q.method == "gptq":
+                res = quantize_gptq(w, hessians[name], mask, q.bits, q.group_size, q.percdamp, q.blocksize)
+            else:
+                res = quantize_rtn(w, mask, q.bits, q.group_size)
+            if name in hessians:
+                report.quant_error[name] = output_error(w, res.dequantized, hessians[name])
+            set_weight(module, res.dequantized)
+            for part in ("codes", "scales", "zeros"):
+                self.quantized[f"{full}.{part}"] = getattr(res, part).cpu()
 
     def _fit(self, first: int, blocks: list[nn.Module], inputs: Stream, targets: list[torch.Tensor],
              report: BlockReport, progress: bool) -> None:
@@ -240,6 +268,8 @@ class SequentialPruner:
         dense_rec = rec.clone() if need_dense else None
         dense_held = held.clone() if need_dense and held else None
         kind = needs_statistics(self.pruning.method)
+        if self.quant.method == "gptq":
+            kind = "gram"  # GPTQ needs the full Hessian whatever the pruning criterion
         reports: list[BlockReport] = []
         blocks = self.adapter.blocks
         prev: dict | None = None  # cross-block: the previous block's inputs and report
@@ -256,8 +286,11 @@ class SequentialPruner:
                 if dense_held:
                     dense_held.batches = run_block(block, dense_held, self.device)
             if finished and i < len(finished):  # done by an interrupted run: load, replay, move on
-                for name, mask in checkpoints.load(finished[i], block).items():
+                masks, quantized = checkpoints.load(finished[i], block)
+                for name, mask in masks.items():
                     self.masks[f"{self.adapter.block_path}.{i}.{name}"] = mask
+                for name, t in quantized.items():
+                    self.quantized[f"{self.adapter.block_path}.{i}.{name}"] = t
                 for s in streams:
                     s.batches = run_block(block, s, self.device)
                 block.to(home)
@@ -275,6 +308,7 @@ class SequentialPruner:
                 if recon.enabled:
                     self._fit(i, [block], rec, br_target if br_target is not None else dense_rec.batches, report,
                               progress)
+                self._quantize_block(i, block, report)
                 for s in streams:
                     s.batches = run_block(block, s, self.device)
                 check_finite(i, rec.batches)
@@ -285,7 +319,8 @@ class SequentialPruner:
             report.seconds = time.perf_counter() - t0
             reports.append(report)
             if checkpoints is not None and not recon.cross_block:
-                checkpoints.save(i, block, self._block_masks(i, block), asdict(report))
+                checkpoints.save(i, block, self._block_masks(i, block), asdict(report),
+                                 self._block_masks(i, block, self.quantized))
             if report.calib_rel_error is not None:
                 bar.set_postfix(rel_err=f"{report.calib_rel_error:.4f}")
             if on_block is not None and not recon.cross_block:
@@ -314,6 +349,7 @@ class SequentialPruner:
             inputs = prev["inputs"]
             window_in = Stream(inputs[id(rec)], rec.kwargs)
             self._fit(i - 1, [prev_block, block], window_in, dense_rec.batches, report, progress)
+            self._quantize_block(i - 1, prev_block, prev["report"])
             # carry the first block's output forward, and finalize its error
             for s in streams:
                 s.batches = run_block(prev_block, Stream(inputs[id(s)], s.kwargs), self.device)
@@ -323,6 +359,8 @@ class SequentialPruner:
             inputs = {id(s): list(s.batches) for s in streams}
             if last:  # the last block alone
                 self._fit(i, [block], rec, dense_rec.batches, report, progress)
+        if last:
+            self._quantize_block(i, block, report)
         for s in streams:
             s.batches = run_block(block, s, self.device)
         if last:
@@ -365,7 +403,12 @@ class SequentialPruner:
             w = weight_of(module)
             new_w, mask = prune_weight(w, stats.of(name) if stats else None, self.pruning, self.sparsity_map.get(full))
             if stats is not None and stats.gram:
-                report.layer_error[name] = output_error(w, new_w, stats.of(name).hessian)
+                hessian = stats.of(name).hessian
+                report.layer_error[name] = output_error(w, new_w, hessian)
+                if self.quant.method == "gptq":
+                    kept = self._hessians.setdefault(i, {})
+                    owner = next((n for n in kept if stats.owner.get(n) == stats.owner[name]), None)
+                    kept[name] = kept[owner] if owner is not None else hessian
             set_weight(module, new_w)
             self.masks[full] = mask.cpu()
             report.sparsity[name] = achieved_sparsity(mask)

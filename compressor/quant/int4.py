@@ -1,0 +1,146 @@
+"""Low-bit weights for pruned layers, pure tensor math: round-to-nearest and GPTQ-style.
+
+Asymmetric per-row groups of ``group_size`` input columns: ``scale = (max - min) / (2^bits - 1)`` and an
+integer zero point, both from the *kept* weights of the group (pruned weights are recorded by the
+mask, so they need not be representable). Dequantized ``(q - zero) * scale`` times the mask:
+pruned weights stay exactly zero.
+
+GPTQ (Frantar et al. 2023) quantizes the columns left to right and spreads each column's rounding
+error over the columns to its right through the upper Cholesky factor U of H^-1, the same factor
+SparseGPT uses; a pruned position's "quantized" value is 0, so the OBS update also keeps the
+pruned weights' removal compensated. A group's scale and zero are taken when the sweep reaches
+its first column, from the already-updated weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compressor.config import ConfigError
+from compressor.pruning.sparsegpt import inverse_hessian_factor
+
+METHODS = ("none", "rtn", "gptq")
+
+
+@dataclass
+class QuantizationConfig:
+    """Quantization of the kept weights after pruning (and reconstruction)."""
+
+    method: str = "none"
+    """none, rtn (round to nearest) or gptq (error feedback through the inverse Hessian)."""
+    bits: int = 4
+    group_size: int = 128
+    """Input columns sharing one scale and zero point, per output row."""
+    percdamp: float = 0.01
+    """GPTQ damping as a fraction of mean(diag H)."""
+    blocksize: int = 128
+    """GPTQ columns per lazy-update block."""
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ConfigError(f"quantization.method={self.method!r} is unknown: choose one of {', '.join(METHODS)}")
+        if not 2 <= self.bits <= 8:
+            raise ConfigError(f"quantization.bits={self.bits} must be between 2 and 8")
+        if self.group_size < 1 or self.blocksize < 1 or not self.percdamp > 0:
+            raise ConfigError(f"quantization: group_size ({self.group_size}) and blocksize ({self.blocksize}) must be "
+                              f">= 1, percdamp ({self.percdamp}) > 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+
+@dataclass
+class Quantized:
+    """One quantized layer: ``codes`` uint8 ``[rows, cols]`` (0 where pruned), ``scales``/``zeros``
+    ``[rows, groups]``, and the dequantized fp32 weight."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    dequantized: torch.Tensor
+
+
+def group_grid(w: torch.Tensor, mask: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point ``[rows]`` of one group ``w`` ``[rows, g]`` from its kept weights."""
+    maxq = 2**bits - 1
+    big = torch.finfo(w.dtype).max
+    lo = torch.where(mask, w, torch.full_like(w, big)).amin(1)
+    hi = torch.where(mask, w, torch.full_like(w, -big)).amax(1)
+    empty = ~mask.any(1)
+    lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
+    flat = (hi - lo) == 0
+    # a constant group (or a single kept weight) is put on the grid exactly: scale |value|, code 1 or 0
+    scale = torch.where(flat, torch.where(lo != 0, lo.abs(), torch.ones_like(lo)), (hi - lo) / maxq)
+    scale = scale.to(torch.float16).float().clamp_min(2.0**-24)  # stored as fp16: compute with what is stored
+    zero = torch.where(flat, (lo < 0).float(), torch.clamp(torch.round(-lo / scale), 0, maxq))
+    return scale, zero
+
+
+def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes of ``w`` (any shape broadcastable with ``scale``/``zero``)."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+
+
+def _grid_shapes(rows: int, cols: int, group: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    groups = (cols + group - 1) // group
+    return (torch.zeros(rows, cols, dtype=torch.uint8, device=device),
+            torch.zeros(rows, groups, dtype=torch.float32, device=device),
+            torch.zeros(rows, groups, dtype=torch.float32, device=device))
+
+
+def quantize_rtn(weight: torch.Tensor, mask: torch.Tensor, bits: int = 4, group_size: int = 128) -> Quantized:
+    """Round every kept weight of ``weight`` ``[rows, cols]`` to its group's grid."""
+    w = weight.detach().float()
+    rows, cols = w.shape
+    codes, scales, zeros = _grid_shapes(rows, cols, group_size, w.device)
+    deq = torch.zeros_like(w)
+    for g, start in enumerate(range(0, cols, group_size)):
+        sl = slice(start, min(start + group_size, cols))
+        scale, zero = group_grid(w[:, sl], mask[:, sl], bits)
+        q = quantize_column(w[:, sl], scale.unsqueeze(1), zero.unsqueeze(1), bits) * mask[:, sl]
+        codes[:, sl], scales[:, g], zeros[:, g] = q.to(torch.uint8), scale, zero
+        deq[:, sl] = (q - zero.unsqueeze(1)) * scale.unsqueeze(1) * mask[:, sl]
+    return Quantized(codes, scales, zeros, deq)
+
+
+def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, bits: int = 4,
+                  group_size: int = 128, percdamp: float = 0.01, blocksize: int = 128) -> Quantized:
+    """GPTQ-style quantization of the kept weights; ``hessian`` ``[cols, cols]`` of the layer's inputs."""
+    w = weight.detach().float().clone()
+    rows, cols = w.shape
+    upper, dead, _ = inverse_hessian_factor(hessian.to(w.device), percdamp)
+    mask = mask.to(w.device) & ~dead.unsqueeze(0)
+    codes, scales, zeros = _grid_shapes(rows, cols, group_size, w.device)
+    deq = torch.zeros_like(w)
+    keep = mask.float()
+    for start in range(0, cols, blocksize):
+        end = min(start + blocksize, cols)
+        w_blk = w[:, start:end].clone()
+        u_blk = upper[start:end, start:end]
+        err_blk = torch.zeros_like(w_blk)
+        for j in range(end - start):
+            c = start + j
+            if c % group_size == 0:  # a new group: its grid from the weights as updated so far
+                g_end = min(c + group_size, cols)
+                grid_w = torch.cat([w_blk[:, j:], w[:, end:g_end]], 1) if g_end > end else w_blk[:, j : j + g_end - c]
+                scale, zero = group_grid(grid_w, mask[:, c:g_end], bits)
+                scales[:, c // group_size], zeros[:, c // group_size] = scale, zero
+            q = quantize_column(w_blk[:, j], scale, zero, bits) * keep[:, c]
+            codes[:, c] = q.to(torch.uint8)
+            deq[:, c] = (q - zero) * scale * keep[:, c]
+            err = (w_blk[:, j] - deq[:, c]) / u_blk[j, j]
+            w_blk[:, j:] -= err.unsqueeze(1) * u_blk[j, j:].unsqueeze(0)
+            err_blk[:, j] = err
+        w[:, end:] -= err_blk @ upper[start:end, end:]
+    return Quantized(codes, scales, zeros, deq)
+
+
+def bits_per_weight(numel: int, kept: int, groups: int, bits: int, scale_bits: int = 16) -> dict:
+    """Storage of one layer, per weight: kept values at ``bits``, a 1-bit keep-mask, an fp16 scale and a
+    ``bits``-wide zero point per group; and the same without the mask (every position stored)."""
+    values, mask, grid = bits * kept, numel, groups * (scale_bits + bits)
+    return {"values": values / numel, "mask": mask / numel, "scales": grid / numel,
+            "total": (values + mask + grid) / numel, "dense_codes_total": (bits * numel + grid) / numel}

@@ -1,0 +1,114 @@
+"""INT4 weights for pruned layers: grids, GPTQ vs round-to-nearest, masks untouched, packing, the pipeline."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from compressor.config import CalibrationConfig, ConfigError, EvaluationConfig, OutputConfig, PruningConfig
+from compressor.pipeline import RunSettings, compress
+from compressor.pruning.sparsegpt import output_error, sparsegpt_prune
+from compressor.quant.int4 import QuantizationConfig, bits_per_weight, quantize_gptq, quantize_rtn
+from compressor.quant.pack import pack_layer, unpack_layer
+from conftest import tiny_llama
+
+
+def pruned_layer(rows=32, cols=256, sparsity=0.5, seed=0):
+    # LLM activations are close to low rank: 32 directions plus a little noise
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2048, 32, generator=g) @ torch.randn(32, cols, generator=g) / math.sqrt(32)
+    x += 0.1 * torch.randn(2048, cols, generator=g)
+    h = 2 * x.t() @ x / x.shape[0]
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    w_pruned, mask = sparsegpt_prune(w, h, sparsity)
+    return w_pruned, mask, h
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("group", [128, 64, 100])
+def test_quantized_weights_respect_the_mask_and_the_grid(method, group):
+    w, mask, h = pruned_layer()
+    q = quantize_rtn(w, mask, 4, group) if method == "rtn" else quantize_gptq(w, h, mask, 4, group)
+    assert torch.all(q.dequantized[~mask] == 0)  # pruned stay exactly zero
+    assert torch.all(q.codes[~mask] == 0) and int(q.codes.max()) <= 15
+    # every kept weight is exactly (code - zero) * scale of its group
+    cols = torch.arange(w.shape[1]) // group
+    grid = (q.codes.float() - q.zeros[:, cols]) * q.scales[:, cols]
+    assert torch.equal(grid * mask, q.dequantized)
+    # kept weights are not all rounded to zero
+    assert (q.dequantized[mask] != 0).float().mean() > 0.8
+
+
+def test_rtn_error_is_at_most_half_a_step():
+    w, mask, _ = pruned_layer()
+    q = quantize_rtn(w, mask, 4, 128)
+    cols = torch.arange(w.shape[1]) // 128
+    step = q.scales[:, cols]
+    assert torch.all(((w - q.dequantized).abs() <= 0.5 * step + 1e-7)[mask])
+
+
+def test_gptq_beats_round_to_nearest_on_output_error():
+    w, mask, h = pruned_layer()
+    rtn = output_error(w, quantize_rtn(w, mask, 4, 128).dequantized, h)
+    gptq = output_error(w, quantize_gptq(w, h, mask, 4, 128).dequantized, h)
+    assert gptq < 0.5 * rtn, (gptq, rtn)
+
+
+def test_single_kept_weight_and_empty_groups_are_exact():
+    w = torch.tensor([[0.0, 0.3, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [-0.2, 0.0, 0.0, 0.0]])
+    mask = w != 0
+    q = quantize_rtn(w, mask, 4, 4)
+    assert torch.allclose(q.dequantized, w, atol=1e-4)
+
+
+def test_pack_unpack_round_trip_is_exact():
+    w, mask, h = pruned_layer(rows=17, cols=200)  # odd counts: padding of both the values and the mask bits
+    q = quantize_gptq(w, h, mask, 4, 64)
+    packed = pack_layer(q.codes, mask, q.scales, q.zeros)
+    deq, mask2 = unpack_layer(packed, 64)
+    assert torch.equal(mask2, mask)
+    assert torch.equal(deq, q.dequantized)
+    stored_bits = 8 * (packed["values"].numel() + packed["mask"].numel()) + 16 * packed["scales"].numel() \
+        + 8 * packed["zeros"].numel()
+    assert stored_bits / w.numel() < 4.0
+
+
+def test_bits_per_weight_counts_values_mask_and_scales():
+    b = bits_per_weight(numel=128 * 256, kept=128 * 128, groups=128 * 2, bits=4)
+    assert b["values"] == 2.0 and b["mask"] == 1.0
+    assert b["scales"] == pytest.approx(20 / 128)
+    assert b["total"] == pytest.approx(3.0 + 20 / 128)
+
+
+def test_bad_quantization_values_are_named():
+    with pytest.raises(ConfigError, match="quantization.method='awq' is unknown: choose one of none, rtn, gptq"):
+        QuantizationConfig(method="awq")
+    with pytest.raises(ConfigError, match="quantization.bits=16"):
+        QuantizationConfig(bits=16)
+
+
+def test_pipeline_quantizes_saves_packed_and_loads_with_transformers(tmp_path, smollm2_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"token{i % 89} says more {i}" for i in range(3000)))
+    model = tiny_llama(layers=2, hidden=128, vocab=len(smollm2_tokenizer))
+    settings = RunSettings(pruning=PruningConfig(method="sparsegpt", sparsity=0.5),
+                           calibration=CalibrationConfig(sources=[str(text)], num_samples=4, seqlen=32),
+                           evaluation=EvaluationConfig(datasets=[], dense_baseline=False),
+                           output=OutputConfig(dir=str(tmp_path / "out"), plots=False),
+                           quantization=QuantizationConfig(method="gptq", group_size=64))
+    report = compress(settings, "cpu", progress=False, model_and_tokenizer=(model, smollm2_tokenizer))
+    q = report["quantization"]
+    assert q["method"] == "gptq" and q["bits"] == 4
+    assert q["bits_per_weight"]["total"] == pytest.approx(2.0 + 1.0 + 20 / 64, abs=0.01)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model")
+    masks = load_file(tmp_path / "out" / "masks.safetensors")
+    packed = load_file(tmp_path / "out" / "quantized.safetensors")
+    params = dict(loaded.named_parameters())
+    for name, mask in masks.items():
+        layer = {k[len(name) + 1:]: v for k, v in packed.items() if k.startswith(name + ".")}
+        deq, mask2 = unpack_layer(layer, 64)
+        assert torch.equal(mask2, mask)
+        assert torch.equal(params[name + ".weight"].detach(), deq)  # the saved model is the packed one
