@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--recon-generated", type=int, default=0, help="self-generated reconstruction windows added")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--precision", default="32-true")
-    ap.add_argument("--lr", type=float, default=2e-4, help="reconstruction learning rate")
+    ap.add_argument("--lr", type=float, default=1e-3, help="reconstruction learning rate")
     ap.add_argument("--max-windows", type=int, default=None, help="evaluate fewer windows (smoke runs only)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     ap.add_argument("--granularity", default="block", help="schedule granularity: block or layer")

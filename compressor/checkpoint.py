@@ -129,9 +129,24 @@ class BlockCheckpoints:
         masks = {k[len("m."):]: v for k, v in tensors.items() if k.startswith("m.")}
         return masks, {k[len("q."):]: v for k, v in tensors.items() if k.startswith("q.")}
 
+    def load_pending(self, entry: dict) -> tuple[dict, dict, dict, dict]:
+        """The next block's in-window state saved beside a cross-block (CR) checkpoint:
+        ``(weights, masks, hessians, report)``."""
+        from safetensors.torch import load_file
+
+        tensors = load_file(self.folder / entry["file"])
+        parts = {p: {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)} for p in ("p.w.", "p.m.", "p.h.")}
+        hessians = parts["p.h."]
+        hessians.update({k: hessians[owner] for k, owner in entry.get("pending_hessian_aliases", {}).items()})
+        return parts["p.w."], parts["p.m."], hessians, entry["pending_report"]
+
     def save(self, index: int, block: torch.nn.Module, masks: dict[str, torch.Tensor], report: dict,
-             quantized: dict[str, torch.Tensor] | None = None) -> None:
-        """Write block ``index`` (weights, masks, quantized codes/scales/zeros), then record it in the manifest."""
+             quantized: dict[str, torch.Tensor] | None = None, pending: dict | None = None) -> None:
+        """Write block ``index`` (weights, masks, quantized codes/scales/zeros), then record it in the manifest.
+
+        ``pending`` (cross-block windows): the next block as trained so far, ``{"block", "masks", "hessians",
+        "report"}``, so a resume continues with the next window instead of redoing the last one.
+        """
         from safetensors.torch import save_file
 
         if index != len(self.blocks):
@@ -139,10 +154,23 @@ class BlockCheckpoints:
         tensors = {f"w.{k}": v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
         tensors.update({f"m.{k}": v.cpu().contiguous() for k, v in masks.items()})
         tensors.update({f"q.{k}": v.cpu().contiguous() for k, v in (quantized or {}).items()})
+        if pending is not None:
+            tensors.update({f"p.w.{k}": v.detach().cpu().contiguous() for k, v in pending["block"].state_dict().items()})
+            tensors.update({f"p.m.{k}": v.cpu().contiguous() for k, v in pending["masks"].items()})
+            aliases = {}  # layers sharing one input share one Hessian: store it once
+            for k, v in pending["hessians"].items():
+                owner = next((o for o, t in pending["hessians"].items() if t is v), k)
+                if owner == k:
+                    tensors[f"p.h.{k}"] = v.cpu().contiguous()
+                else:
+                    aliases[k] = owner
         for name, t in tensors.items():
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise FloatingPointError(f"block {index}: {name} holds NaN/Inf; not checkpointed")
         name = f"block_{index:03d}.safetensors"
         path = atomic_write(self.folder / name, lambda tmp: save_file(tensors, tmp))
-        self.blocks.append({"index": index, "file": name, "sha256": _file_sha(path), "report": report})
+        entry = {"index": index, "file": name, "sha256": _file_sha(path), "report": report}
+        if pending is not None:
+            entry["pending_report"], entry["pending_hessian_aliases"] = pending["report"], aliases
+        self.blocks.append(entry)
         atomic_write_json(self.folder / MANIFEST, self._manifest())

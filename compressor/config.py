@@ -228,6 +228,10 @@ class RuntimeConfig:
     """Where calibration activations live: auto (GPU if they fit, else host), device, or cpu."""
     track_error: bool = True
     """Carry the dense stream beside the sparse one to measure per-block reconstruction error."""
+    deterministic: bool = False
+    """Bit-identical outputs for the same config and seed on the same machine: deterministic kernels
+    (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG) on the GPU; somewhat slower there. CPU runs
+    are deterministic either way."""
 
     def __post_init__(self):
         if self.activations not in ("auto", "device", "cpu"):

@@ -151,6 +151,11 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
     handler = attach_log_file(out / "compress.log")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    if settings.runtime.deterministic:
+        # cuBLAS reads this when its handle is created: set it before the first GPU matmul of the process
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     try:
         log.info("compressing %s with %s %s on %s", settings.model.name_or_path, settings.pruning.method,
                  settings.pruning.label, device)
@@ -192,7 +197,7 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
         if corpora and settings.evaluation.heldout_samples:
             heldout = next(iter(corpora.values()))[: settings.evaluation.heldout_samples]
         checkpoints, finished = None, []
-        if settings.output.checkpoint and not settings.reconstruction.cross_block:
+        if settings.output.checkpoint:
             checkpoints = BlockCheckpoints(out / "checkpoints", settings, tensor_fingerprint(calib, recon_calib),
                                            schedule.sparsity if schedule else None)
             finished = checkpoints.resume(settings.output.start_over)
@@ -257,6 +262,7 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
         log.info("report written to %s", out / "report.json")
         return report
     finally:
+        torch.use_deterministic_algorithms(was_deterministic)
         logging.getLogger("compressor").removeHandler(handler)
         handler.close()
 

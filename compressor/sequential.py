@@ -234,7 +234,7 @@ class SequentialPruner:
         masked = window_masks(blocks, masks, weight_of)
         name = "block_" + "-".join(f"{first + k:03d}" for k in range(len(blocks)))
         stats = fit_window(blocks, masked, inputs.kwargs, inputs.batches, targets, self.recon, name, self.log_dir,
-                           self.accelerator, progress)
+                           self.accelerator, progress, self.runtime.deterministic)
         report.training.append({"window": [first + k for k in range(len(blocks))], **stats})
 
     @torch.no_grad()
@@ -278,13 +278,17 @@ class SequentialPruner:
         for i in bar:
             t0 = time.perf_counter()
             block = blocks[i]
-            home = next(block.parameters()).device
+            home = self._home = next(block.parameters()).device
             block.to(self.device)
             report = BlockReport(index=i, seconds=0.0)
             if need_dense:
                 dense_rec.batches = run_block(block, dense_rec, self.device)
                 if dense_held:
                     dense_held.batches = run_block(block, dense_held, self.device)
+            restored = None
+            if finished and recon.cross_block and i == len(finished) and "pending_report" in finished[-1]:
+                restored = self._restore_pending(i, block, checkpoints, finished[-1])
+                report = restored
             if finished and i < len(finished):  # done by an interrupted run: load, replay, move on
                 masks, quantized = checkpoints.load(finished[i], block)
                 for name, mask in masks.items():
@@ -297,13 +301,15 @@ class SequentialPruner:
                 reports.append(BlockReport(**finished[i]["report"]))
                 continue
             br_target = run_block(block, rec, self.device) if recon.enabled and not recon.global_target else None
-            self._prune_block(i, block, prune_stream, kind, report)
-            if need_dense:
+            if restored is None:
+                self._prune_block(i, block, prune_stream, kind, report)
+            if need_dense and restored is None:
                 report.calib_error_pruned, report.calib_rel_error_pruned = stream_error(
                     dense_rec.batches, run_block(block, rec, self.device), self.device)
             if recon.cross_block:
-                prev = self._cross_block_step(i, block, streams, rec, dense_rec, held, dense_held, prev, report,
-                                              reports, progress, on_block)
+                prev = self._cross_block_step(i, block, streams, rec, dense_rec, held, dense_held,
+                                              {"restored": True} if restored else prev, report, progress, on_block,
+                                              checkpoints)
             else:
                 if recon.enabled:
                     self._fit(i, [block], rec, br_target if br_target is not None else dense_rec.batches, report,
@@ -336,15 +342,29 @@ class SequentialPruner:
             report.heldout_error, report.heldout_rel_error = stream_error(dense_held.batches, held.batches,
                                                                           self.device)
 
-    def _cross_block_step(self, i, block, streams, rec, dense_rec, held, dense_held, prev, report, reports,
-                          progress, on_block):
-        """CR: windows (0), (0,1), (1,2), ..., (L-2,L-1), (L-1); only the first block's output moves on."""
+    def _restore_pending(self, i: int, block: nn.Module, checkpoints, entry: dict) -> BlockReport:
+        """Cross-block resume: block ``i`` as it was after the window it shared with block ``i - 1``."""
+        state, masks, hessians, report = checkpoints.load_pending(entry)
+        block.load_state_dict(state, strict=True)
+        for name, mask in masks.items():
+            self.masks[f"{self.adapter.block_path}.{i}.{name}"] = mask
+        if hessians:
+            self._hessians[i] = {n: h.to(self.device) for n, h in hessians.items()}
+        return BlockReport(**report)
+
+    def _cross_block_step(self, i, block, streams, rec, dense_rec, held, dense_held, prev, report, progress, on_block,
+                          checkpoints=None):
+        """CR: windows (0), (0,1), (1,2), ..., (L-2,L-1), (L-1); only the first block's output moves on.
+
+        Block ``i - 1`` is final once window (i-1, i) is trained: it is checkpointed then, together with block
+        ``i`` as trained so far (``pending``). ``prev == {"restored": True}``: block ``i`` was restored from such a
+        checkpoint, so window (i-1, i) is already done."""
         blocks = self.adapter.blocks
         last = i == len(blocks) - 1
         if prev is None:  # block 0 alone
             inputs = {id(s): list(s.batches) for s in streams}
             self._fit(i, [block], rec, dense_rec.batches, report, progress)
-        else:
+        elif not prev.get("restored"):
             prev_block = blocks[i - 1].to(self.device)
             inputs = prev["inputs"]
             window_in = Stream(inputs[id(rec)], rec.kwargs)
@@ -356,6 +376,14 @@ class SequentialPruner:
             self._measure(prev["report"], rec, prev["dense_rec"], held, prev["dense_held"])
             if on_block is not None:
                 on_block(prev["report"])
+            if checkpoints is not None:
+                check_finite(i - 1, rec.batches)
+                pending = {"block": block, "masks": self._block_masks(i, block), "report": asdict(report),
+                           "hessians": self._hessians.get(i, {})}
+                checkpoints.save(i - 1, prev_block, self._block_masks(i - 1, prev_block), asdict(prev["report"]),
+                                 self._block_masks(i - 1, prev_block, self.quantized), pending)
+            prev_block.to(self._home)
+        if prev is not None:
             inputs = {id(s): list(s.batches) for s in streams}
             if last:  # the last block alone
                 self._fit(i, [block], rec, dense_rec.batches, report, progress)
@@ -365,8 +393,12 @@ class SequentialPruner:
             s.batches = run_block(block, s, self.device)
         if last:
             self._measure(report, rec, dense_rec, held, dense_held)
+            check_finite(i, rec.batches)
             if on_block is not None:
                 on_block(report)
+            if checkpoints is not None:
+                checkpoints.save(i, block, self._block_masks(i, block), asdict(report),
+                                 self._block_masks(i, block, self.quantized))
         return {"inputs": inputs, "report": report,
                 "dense_rec": Stream(list(dense_rec.batches), dense_rec.kwargs),
                 "dense_held": Stream(list(dense_held.batches), dense_held.kwargs) if dense_held else None}

@@ -3,8 +3,14 @@
 import pytest
 import torch
 
-from compressor.pruning.masks import achieved_sparsity
-from compressor.pruning.sparsegpt import inverse_hessian_factor, output_error, sparsegpt_prune
+import compressor.pruning.sparsegpt as sparsegpt
+from compressor.pruning.masks import achieved_sparsity, nm_mask, smallest_mask
+from compressor.pruning.sparsegpt import (
+    inverse_hessian_factor,
+    output_error,
+    sparsegpt_prune,
+    sparsegpt_prune_shared,
+)
 
 
 def _random_problem(rows=12, cols=16, tokens=200, seed=0):
@@ -81,3 +87,89 @@ def test_non_finite_hessian_is_refused():
     h[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite"):
         inverse_hessian_factor(h)
+
+
+def _sparsegpt_prune_loop(weight, hessian, sparsity, nm=None, blocksize=128, percdamp=0.01):
+    """The textbook algorithm: one column at a time, its error subtracted from the rest of its block."""
+    rows, cols = weight.shape
+    upper, dead, _ = inverse_hessian_factor(hessian, percdamp, dtype=weight.dtype)
+    w = weight.clone()
+    w[:, dead] = 0.0
+    mask = torch.ones(rows, cols, dtype=torch.bool)
+    for start in range(0, cols, blocksize):
+        end = min(start + blocksize, cols)
+        w_blk = w[:, start:end].clone()
+        u_blk = upper[start:end, start:end]
+        diag = torch.diag(u_blk)
+        err_blk = torch.zeros_like(w_blk)
+        if nm is None:
+            mask[:, start:end] = smallest_mask(w_blk.square() / diag.square(), sparsity)
+        for j in range(end - start):
+            if nm is not None and j % nm[1] == 0:
+                sl = slice(j, j + nm[1])
+                mask[:, start + j : start + j + nm[1]] = nm_mask(w_blk[:, sl].square() / diag[sl].square(), *nm)
+            col = w_blk[:, j]
+            err = (col - col * mask[:, start + j]) / diag[j]
+            w_blk[:, j:] -= err.unsqueeze(1) * u_blk[j, j:].unsqueeze(0)
+            err_blk[:, j] = err
+        w[:, start:end] = w_blk * mask[:, start:end]
+        w[:, end:] -= err_blk @ upper[start:end, end:]
+    return w, mask
+
+
+def _problem_with_dead_inputs(rows=24, cols=96, seed=5, dead=(5, 6, 50)):
+    w, h = _random_problem(rows=rows, cols=cols, tokens=300, seed=seed)
+    h[list(dead), :] = 0
+    h[:, list(dead)] = 0
+    return w, h
+
+
+PATTERNS = [(0.3, None), (0.5, None), (0.8, None), (0.0, (2, 4)), (0.0, (4, 8))]
+
+
+@pytest.mark.parametrize("sparsity,nm", PATTERNS)
+@pytest.mark.parametrize("leaf,solve_elements", [(32, 2**24), (8, 1000)])
+def test_batched_solve_equals_column_loop(monkeypatch, sparsity, nm, leaf, solve_elements):
+    # blocksize 40: leaves of 32 + 8 columns, a short last block (96 = 40 + 40 + 16); a small
+    # solve budget makes _solve_rows work in chunks of rows
+    monkeypatch.setattr(sparsegpt, "LEAF_COLUMNS", leaf)
+    monkeypatch.setattr(sparsegpt, "_SOLVE_ELEMENTS", solve_elements)
+    w, h = _problem_with_dead_inputs()
+    expected, expected_mask = _sparsegpt_prune_loop(w, h, sparsity, nm, blocksize=40)
+    new_w, mask = sparsegpt_prune(w, h, sparsity, nm, blocksize=40)
+    assert new_w.dtype == torch.float64
+    assert torch.equal(mask, expected_mask)
+    torch.testing.assert_close(new_w, expected, rtol=0, atol=1e-12)
+    assert (new_w[:, [5, 6, 50]] == 0).all()
+
+
+@pytest.mark.parametrize("sparsity,nm", [(0.5, None), (0.0, (2, 4))])
+def test_float32_fast_path_is_close_to_float64_loop(sparsity, nm):
+    w, h = _problem_with_dead_inputs(rows=16, cols=64)
+    expected, expected_mask = _sparsegpt_prune_loop(w, h, sparsity, nm, blocksize=32)
+    new_w, mask = sparsegpt_prune(w.float(), h.float(), sparsity, nm, blocksize=32)
+    assert new_w.dtype == torch.float32
+    assert torch.equal(mask, expected_mask)
+    torch.testing.assert_close(new_w.double(), expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("sparsity,nm", [(0.5, None), (0.0, (2, 4))])
+def test_shared_hessian_equals_separate_calls(sparsity, nm):
+    # rows 12 + 20 + 12: each weight keeps its own unstructured mask quota per block
+    w, h = _problem_with_dead_inputs(rows=44, cols=64)
+    parts = list(w.split([12, 20, 12]))
+    shared = sparsegpt_prune_shared(parts, h, sparsity, nm, blocksize=32)
+    for part, (new_w, mask) in zip(parts, shared):
+        alone_w, alone_mask = sparsegpt_prune(part, h, sparsity, nm, blocksize=32)
+        assert torch.equal(mask, alone_mask)
+        torch.testing.assert_close(new_w, alone_w, rtol=0, atol=1e-12)
+
+
+def test_shapes_are_checked():
+    w, h = _random_problem(rows=4, cols=16)
+    with pytest.raises(ValueError, match="match the Hessian"):
+        sparsegpt_prune_shared([w, w[:, :8]], h, 0.5)
+    with pytest.raises(ValueError, match="multiple of M"):
+        sparsegpt_prune(w, h, 0.5, (2, 4), blocksize=6)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        sparsegpt_prune(w[:, :12], h[:12, :12], 0.5, (4, 8), blocksize=8)

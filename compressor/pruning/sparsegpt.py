@@ -5,17 +5,47 @@ H = (2/n) sum x x^T over calibration tokens, damping ``percdamp * mean(diag H)``
 (diag H == 0) get diag 1 and their weight column zeroed, columns processed left to right in
 blocks, the mask of a block chosen by the smallest w^2 / [U_qq]^2 (U the upper Cholesky factor
 of H^-1), and each pruned column's error propagated to the columns on its right.
+
+How it is made fast (the results are those of the column-by-column algorithm up to round-off).
+Processing column j of a block turns its current value u_j into the error e_j = c_j u_j, with
+c_j = (1 - keep_j) / U_jj per row, and subtracts e_j U[j, j':] from every column j' > j. So the
+value column j holds when its turn comes is
+
+    u_j = w0_j - sum_{i<j} c_i u_i U_ij,   i.e. per row r:   u_r (I + diag(c_r) U_strict) = w0_r,
+
+a unit upper-triangular system whose matrix differs per row only through c_r. Once the keep-mask
+of some columns is known, their u for all rows comes from one batched triangular solve instead
+of a loop of small kernels per column:
+
+* unstructured: the mask of a block is fixed before any of its columns is processed, so the
+  block is solved in sub-blocks of ``LEAF_COLUMNS`` columns (one batched solve each, the per-row
+  matrices ``[rows, leaf, leaf]`` staying small), each sub-block first receiving the errors of
+  the sub-blocks to its left with one matmul;
+* N:M: the mask of an M-column group is chosen from the group's values after the updates of all
+  columns to its left, so the sub-block is the group: one matmul, the top-k choice, one solve.
+
+After a block, its kept columns are ``w0 - E U_strict`` (E the block's errors) and the columns
+to its right receive ``E U[block, right]``, as in the lazy batch update of the paper.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from itertools import accumulate
 
 import torch
 
-from compressor.pruning.masks import nm_mask, smallest_mask
+from compressor.pruning.masks import smallest_mask
 
 log = logging.getLogger(__name__)
+
+LEAF_COLUMNS = 32
+"""Columns per batched solve in the unstructured path: larger means fewer kernels but per-row
+matrices of ``rows * LEAF_COLUMNS**2`` elements to build and read."""
+
+_SOLVE_ELEMENTS = 2**24
+"""Rows are solved in chunks whose per-row matrices hold at most this many elements (64 MiB fp32)."""
 
 
 def gram_update(gram: torch.Tensor, x: torch.Tensor) -> int:
@@ -31,14 +61,14 @@ def hessian_from_gram(gram: torch.Tensor, n_tokens: int) -> torch.Tensor:
 
 
 def inverse_hessian_factor(
-    hessian: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6
+    hessian: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Upper Cholesky factor U of the damped H^-1 (H^-1 = U^T U).
+    """Upper Cholesky factor U ``[cols, cols]`` of the damped H^-1 (H^-1 = U^T U), computed in ``dtype``.
 
-    Returns ``(U, dead, damp)``: ``dead`` marks inputs that never fired (their columns must be
-    zeroed). If H + damp*I is not positive definite, damping grows tenfold, up to ``max_tries``.
+    Returns ``(U, dead, damp)``: ``dead`` ``[cols]`` marks inputs that never fired (their columns
+    must be zeroed). If H + damp*I is not positive definite, damping grows tenfold, up to ``max_tries``.
     """
-    h = hessian.detach().float().clone()
+    h = hessian.detach().to(dtype).clone()
     if not torch.isfinite(h).all():
         raise FloatingPointError("Hessian has non-finite entries (NaN/Inf in the calibration activations)")
     dead = torch.diag(h) == 0
@@ -59,6 +89,109 @@ def inverse_hessian_factor(
     raise FloatingPointError(f"Hessian is not positive definite even with damping {damp_frac / 10:g} * mean(diag)")
 
 
+def _solve_rows(rhs: torch.Tensor, c: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """Solve ``u_r (I + diag(c_r) triu(upper, 1)) = rhs_r`` for every row r.
+
+    Args:
+        rhs, c: ``[rows, k]``.
+        upper: ``[k, k]``, upper triangular; its diagonal is not used.
+    Returns ``u`` ``[rows, k]``.
+    """
+    rows, k = rhs.shape
+    step = max(1, _SOLVE_ELEMENTS // (k * k))
+    parts = []
+    for r0 in range(0, rows, step):
+        # Row j of row r's matrix is c_rj * upper[j, :]; unitriangular=True reads 1 on the diagonal.
+        a = c[r0 : r0 + step, :, None] * upper
+        b = rhs[r0 : r0 + step, None, :]
+        parts.append(torch.linalg.solve_triangular(a, b, upper=True, left=False, unitriangular=True).squeeze(1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _prune_in_place(
+    w: torch.Tensor,
+    upper: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None,
+    blocksize: int,
+    segments: Sequence[tuple[int, int]],
+) -> torch.Tensor:
+    """Prune ``w`` ``[rows, cols]`` in place given U ``[cols, cols]``; returns the keep-mask.
+
+    ``segments``: ``(first_row, end_row)`` of each weight stacked in ``w``; an unstructured mask
+    is chosen per block within each segment, as if each weight were pruned on its own.
+    """
+    rows, cols = w.shape
+    mask = torch.ones(rows, cols, dtype=torch.bool, device=w.device)
+    step = nm[1] if nm else LEAF_COLUMNS
+    for start in range(0, cols, blocksize):
+        end = min(start + blocksize, cols)
+        blk = w[:, start:end]  # a view: the block's original values until the end of the block
+        keep = mask[:, start:end]
+        u_blk = upper[start:end, start:end]
+        diag = torch.diag(u_blk)
+        diag_sq = diag.square()
+        inv_d = diag.reciprocal()
+        err = torch.empty_like(blk)  # e_j = c_j u_j, every column written below
+        if nm is None:
+            scores = blk.square() / diag_sq
+            for r0, r1 in segments:
+                keep[r0:r1] = smallest_mask(scores[r0:r1], sparsity)
+            c = torch.where(keep, 0.0, inv_d)
+        for j0 in range(0, end - start, step):
+            j1 = min(j0 + step, end - start)
+            # current values of columns j0:j1: original minus the errors of this block's columns to the left
+            cur = blk[:, j0:j1] if j0 == 0 else torch.addmm(blk[:, j0:j1], err[:, :j0], u_blk[:j0, j0:j1], alpha=-1)
+            if nm is None:
+                c_sub = c[:, j0:j1]
+            else:
+                pruned = torch.topk(cur.square() / diag_sq[j0:j1], nm[1] - nm[0], dim=1, largest=False).indices
+                keep[:, j0:j1].scatter_(1, pruned, False)
+                c_sub = torch.where(keep[:, j0:j1], 0.0, inv_d[j0:j1])
+            u = _solve_rows(cur, c_sub, u_blk[j0:j1, j0:j1])
+            torch.mul(u, c_sub, out=err[:, j0:j1])
+        # kept columns end at their u = w0 - E U_strict (= w0 - E U, as e_j = 0 where kept); pruned ones at 0
+        blk.addmm_(err, u_blk, alpha=-1)
+        blk.mul_(keep)
+        w[:, end:].addmm_(err, upper[start:end, end:], alpha=-1)
+    return mask
+
+
+def sparsegpt_prune_shared(
+    weights: Sequence[torch.Tensor],
+    hessian: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Prune weights ``[rows_i, cols]`` that read the same inputs (q/k/v, gate/up) with one factorization.
+
+    The weights are stacked row-wise and pruned in one pass (fewer, larger kernels); masks are
+    chosen per weight, so each result equals ``sparsegpt_prune(weights[i], hessian, ...)`` up to
+    round-off. Returns ``[(new_weight, keep_mask)]`` in the order of ``weights``; arguments as in
+    :func:`sparsegpt_prune`.
+    """
+    cols = hessian.shape[0]
+    if any(x.dim() != 2 or x.shape[1] != cols for x in weights):
+        shapes = [tuple(x.shape) for x in weights]
+        raise ValueError(f"weights must be [rows, {cols}] to match the Hessian, got {shapes}")
+    if nm and blocksize % nm[1]:
+        raise ValueError(f"blocksize {blocksize} must be a multiple of M={nm[1]}")
+    if nm and cols % nm[1]:
+        raise ValueError(f"N:M pattern {nm[0]}:{nm[1]} needs in_features divisible by {nm[1]}, got {cols}")
+    # fp32 math (fp64 when given fp64 weights, e.g. for tests against a reference)
+    dtype = torch.float64 if any(x.dtype == torch.float64 for x in weights) else torch.float32
+    device = weights[0].device
+    upper, dead, _ = inverse_hessian_factor(hessian.to(device), percdamp, dtype=dtype)
+    w = torch.cat([x.detach().to(dtype) for x in weights])  # a fresh copy, pruned in place
+    w.masked_fill_(dead, 0.0)
+    sizes = [x.shape[0] for x in weights]
+    ends = list(accumulate(sizes))
+    mask = _prune_in_place(w, upper, sparsity, nm, blocksize, list(zip([0, *ends[:-1]], ends)))
+    return list(zip(w.split(sizes), mask.split(sizes)))
+
+
 def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -69,38 +202,15 @@ def sparsegpt_prune(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` ``[rows, cols]`` with the OBS update; returns ``(new_weight fp32, keep_mask)``.
 
+    The math runs in fp32 (fp64 for an fp64 ``weight``, whose result is then fp64).
+
     Args:
         hessian: ``[cols, cols]`` layer Hessian of the inputs.
         sparsity: fraction pruned per column block (unstructured); ignored when ``nm`` is given.
         nm: ``(n, m)`` to keep ``n`` of every ``m`` consecutive inputs of each row.
         blocksize: columns per lazy-update block (a multiple of ``m`` for N:M).
     """
-    rows, cols = weight.shape
-    if nm and blocksize % nm[1]:
-        raise ValueError(f"blocksize {blocksize} must be a multiple of M={nm[1]}")
-    upper, dead, _ = inverse_hessian_factor(hessian.to(weight.device), percdamp)
-    w = weight.detach().float().clone()
-    w[:, dead] = 0.0
-    mask = torch.ones(rows, cols, dtype=torch.bool, device=w.device)
-    for start in range(0, cols, blocksize):
-        end = min(start + blocksize, cols)
-        w_blk = w[:, start:end].clone()
-        u_blk = upper[start:end, start:end]
-        diag = torch.diag(u_blk)
-        err_blk = torch.zeros_like(w_blk)
-        if nm is None:
-            mask[:, start:end] = smallest_mask(w_blk.square() / diag.square(), sparsity)
-        for j in range(end - start):
-            if nm is not None and j % nm[1] == 0:
-                sl = slice(j, j + nm[1])
-                mask[:, start + j : start + j + nm[1]] = nm_mask(w_blk[:, sl].square() / diag[sl].square(), *nm)
-            col = w_blk[:, j]
-            err = (col - col * mask[:, start + j]) / diag[j]
-            w_blk[:, j:] -= err.unsqueeze(1) * u_blk[j, j:].unsqueeze(0)
-            err_blk[:, j] = err
-        w[:, start:end] = w_blk * mask[:, start:end]
-        w[:, end:] -= err_blk @ upper[start:end, end:]
-    return w, mask
+    return sparsegpt_prune_shared([weight], hessian, sparsity, nm, blocksize, percdamp)[0]
 
 
 def output_error(weight: torch.Tensor, new_weight: torch.Tensor, hessian: torch.Tensor) -> float:

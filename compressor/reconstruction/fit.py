@@ -65,6 +65,7 @@ def fit_window(
     log_dir: Path | None = None,
     accelerator: str = "auto",
     progress: bool = False,
+    deterministic: bool = False,
 ) -> dict:
     """Train ``blocks`` so that they map ``inputs`` to ``targets`` (lists of ``[batch, seqlen, hidden]``).
 
@@ -84,7 +85,7 @@ def fit_window(
         trainer = Trainer(max_epochs=cfg.epochs, accelerator=accelerator, devices=1, precision=cfg.precision,
                           logger=loggers, enable_checkpointing=False, enable_model_summary=False,
                           enable_progress_bar=progress, num_sanity_val_steps=0, log_every_n_steps=1,
-                          gradient_clip_val=None)
+                          gradient_clip_val=None, deterministic=deterministic or None)
     device = next(module.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
