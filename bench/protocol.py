@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--spread", type=float, default=0.1, help="hessian schedule: range target +- spread")
     ap.add_argument("--level-step", type=float, default=0.5, help="hessian schedule: decades per level")
     ap.add_argument("--owl-lambda", type=float, default=0.08)
+    ap.add_argument("--no-clip", action="store_true", help="INT4: min-max group ranges instead of the clip search")
+    ap.add_argument("--normalize", default="none", help="hessian schedule: none, output or residual")
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -115,13 +117,14 @@ def main() -> None:
             evaluation=EvaluationConfig(datasets=[eval_file], heldout_samples=16,
                                         dense_baseline=(i == 0 and not args.no_dense), max_windows=args.max_windows),
             output=OutputConfig(dir=os.path.join(args.workdir, f"{text.replace(':', '_')}"),
-                                save_model=False, save_masks=False),
+                                save_model=False, save_masks=False, start_over=True),
             runtime=RuntimeConfig(batch_size=args.batch_size),
             reconstruction=ReconstructionConfig(mode=mode, epochs=args.epochs, precision=args.precision, lr=args.lr),
             recon_calibration=recon_calib if mode != "lr" else None,
             schedule=ScheduleConfig(allocator=allocator, granularity=args.granularity, spread=args.spread,
-                                    level_step=args.level_step, owl_lambda=args.owl_lambda),
-            quantization=QuantizationConfig(method=quant),
+                                    level_step=args.level_step, owl_lambda=args.owl_lambda,
+                                    normalize=args.normalize),
+            quantization=QuantizationConfig(method=quant, clip=not args.no_clip),
         )
         t = time.perf_counter()
         report = compress(run, device, progress=False, model_and_tokenizer=(model, tokenizer))
@@ -139,11 +142,12 @@ def main() -> None:
             extra.update(granularity=args.granularity, schedule_range=sched["range"],
                          schedule_seconds=round(sched["seconds"], 2),
                          level_step=args.level_step if allocator == "hessian" else None,
+                         normalize=args.normalize if allocator == "hessian" else None, spread=args.spread,
                          sparsity_min=min(sched["sparsity"].values()), sparsity_max=max(sched["sparsity"].values()),
                          unit_sparsity=[u["sparsity"] for u in sched["units"]])
         if quant != "none":
             q = report["quantization"]
-            extra.update(bits=q["bits"], quantizer=q["method"], group_size=q["group_size"],
+            extra.update(bits=q["bits"], quantizer=q["method"], group_size=q["group_size"], clip=not args.no_clip,
                          bits_per_weight=q["bits_per_weight"]["total"], quant_output_error=q["output_error_total"])
         train = [t for b in report["blocks"] for t in b["training"]]
         records.append({

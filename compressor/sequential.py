@@ -219,9 +219,9 @@ class SequentialPruner:
                 continue
             w, mask = weight_of(module).detach().float(), self.masks[full].to(self.device)
             if q.method == "gptq":
-                res = quantize_gptq(w, hessians[name], mask, q.bits, q.group_size, q.percdamp, q.blocksize)
+                res = quantize_gptq(w, hessians[name], mask, q.bits, q.group_size, q.percdamp, q.blocksize, q.clip)
             else:
-                res = quantize_rtn(w, mask, q.bits, q.group_size)
+                res = quantize_rtn(w, mask, q.bits, q.group_size, q.clip)
             if name in hessians:
                 report.quant_error[name] = output_error(w, res.dequantized, hessians[name])
             set_weight(module, res.dequantized)

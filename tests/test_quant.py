@@ -112,3 +112,13 @@ def test_pipeline_quantizes_saves_packed_and_loads_with_transformers(tmp_path, s
         deq, mask2 = unpack_layer(layer, 64)
         assert torch.equal(mask2, mask)
         assert torch.equal(params[name + ".weight"].detach(), deq)  # the saved model is the packed one
+
+
+def test_clip_search_never_rounds_worse_than_min_max():
+    w, mask, h = pruned_layer(seed=3)
+    w[0, 5] = 0.5 if mask[0, 5] else w[0, 5]  # an outlier widens one group's range
+    plain = ((quantize_rtn(w, mask, 4, 128).dequantized - w) * mask).square().sum(1)
+    clipped = ((quantize_rtn(w, mask, 4, 128, clip=True).dequantized - w) * mask).square().sum(1)
+    assert torch.all(clipped <= plain + 1e-12) and clipped.sum() < plain.sum()
+    q = quantize_gptq(w, h, mask, 4, 128, clip=True)
+    assert torch.all(q.dequantized[~mask] == 0)

@@ -37,6 +37,8 @@ class QuantizationConfig:
     """GPTQ damping as a fraction of mean(diag H)."""
     blocksize: int = 128
     """GPTQ columns per lazy-update block."""
+    clip: bool = True
+    """Choose each group's range by a small search over shrink factors (least rounding error) instead of min-max."""
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -63,14 +65,37 @@ class Quantized:
     dequantized: torch.Tensor
 
 
-def group_grid(w: torch.Tensor, mask: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point ``[rows]`` of one group ``w`` ``[rows, g]`` from its kept weights."""
+SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+def group_grid(w: torch.Tensor, mask: torch.Tensor, bits: int, clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point ``[rows]`` of one group ``w`` ``[rows, g]`` from its kept weights.
+
+    ``clip``: also try the range shrunk by each factor of ``SHRINKS`` and keep, per row, the one with the least
+    squared rounding error of the kept weights (clipping a few extremes buys a finer step for the rest)."""
+    if clip:
+        best = None
+        for shrink in SHRINKS:
+            scale, zero = _minmax_grid(w, mask, bits, shrink)
+            q = quantize_column(w, scale.unsqueeze(1), zero.unsqueeze(1), bits)
+            err = (((q - zero.unsqueeze(1)) * scale.unsqueeze(1) - w).square() * mask).sum(1)
+            if best is None:
+                best = (err, scale, zero)
+            else:
+                better = err < best[0]
+                best = (torch.where(better, err, best[0]), torch.where(better, scale, best[1]),
+                        torch.where(better, zero, best[2]))
+        return best[1], best[2]
+    return _minmax_grid(w, mask, bits, 1.0)
+
+
+def _minmax_grid(w: torch.Tensor, mask: torch.Tensor, bits: int, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
     maxq = 2**bits - 1
     big = torch.finfo(w.dtype).max
     lo = torch.where(mask, w, torch.full_like(w, big)).amin(1)
     hi = torch.where(mask, w, torch.full_like(w, -big)).amax(1)
     empty = ~mask.any(1)
-    lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
+    lo, hi = torch.where(empty, 0.0, lo) * shrink, torch.where(empty, 0.0, hi) * shrink
     flat = (hi - lo) == 0
     # a constant group (or a single kept weight) is put on the grid exactly: scale |value|, code 1 or 0
     scale = torch.where(flat, torch.where(lo != 0, lo.abs(), torch.ones_like(lo)), (hi - lo) / maxq)
@@ -91,7 +116,8 @@ def _grid_shapes(rows: int, cols: int, group: int, device) -> tuple[torch.Tensor
             torch.zeros(rows, groups, dtype=torch.float32, device=device))
 
 
-def quantize_rtn(weight: torch.Tensor, mask: torch.Tensor, bits: int = 4, group_size: int = 128) -> Quantized:
+def quantize_rtn(weight: torch.Tensor, mask: torch.Tensor, bits: int = 4, group_size: int = 128,
+                 clip: bool = False) -> Quantized:
     """Round every kept weight of ``weight`` ``[rows, cols]`` to its group's grid."""
     w = weight.detach().float()
     rows, cols = w.shape
@@ -99,7 +125,7 @@ def quantize_rtn(weight: torch.Tensor, mask: torch.Tensor, bits: int = 4, group_
     deq = torch.zeros_like(w)
     for g, start in enumerate(range(0, cols, group_size)):
         sl = slice(start, min(start + group_size, cols))
-        scale, zero = group_grid(w[:, sl], mask[:, sl], bits)
+        scale, zero = group_grid(w[:, sl], mask[:, sl], bits, clip)
         q = quantize_column(w[:, sl], scale.unsqueeze(1), zero.unsqueeze(1), bits) * mask[:, sl]
         codes[:, sl], scales[:, g], zeros[:, g] = q.to(torch.uint8), scale, zero
         deq[:, sl] = (q - zero.unsqueeze(1)) * scale.unsqueeze(1) * mask[:, sl]
@@ -107,7 +133,8 @@ def quantize_rtn(weight: torch.Tensor, mask: torch.Tensor, bits: int = 4, group_
 
 
 def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, bits: int = 4,
-                  group_size: int = 128, percdamp: float = 0.01, blocksize: int = 128) -> Quantized:
+                  group_size: int = 128, percdamp: float = 0.01, blocksize: int = 128, clip: bool = False
+                  ) -> Quantized:
     """GPTQ-style quantization of the kept weights; ``hessian`` ``[cols, cols]`` of the layer's inputs."""
     w = weight.detach().float().clone()
     rows, cols = w.shape
@@ -126,7 +153,7 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
             if c % group_size == 0:  # a new group: its grid from the weights as updated so far
                 g_end = min(c + group_size, cols)
                 grid_w = torch.cat([w_blk[:, j:], w[:, end:g_end]], 1) if g_end > end else w_blk[:, j : j + g_end - c]
-                scale, zero = group_grid(grid_w, mask[:, c:g_end], bits)
+                scale, zero = group_grid(grid_w, mask[:, c:g_end], bits, clip)
                 scales[:, c // group_size], zeros[:, c // group_size] = scale, zero
             q = quantize_column(w_blk[:, j], scale, zero, bits) * keep[:, c]
             codes[:, c] = q.to(torch.uint8)

@@ -21,6 +21,7 @@ from compressor.config import ConfigError
 
 ALLOCATORS = ("uniform", "owl", "hessian")
 GRANULARITIES = ("block", "layer")
+NORMALIZE = ("none", "output", "residual")
 
 
 @dataclass
@@ -40,6 +41,10 @@ class ScheduleConfig:
     """Half-width of the hessian allocator's default range around the target."""
     level_step: float = 0.5
     """Width of one error level in decades (log10) for the hessian allocator."""
+    normalize: str = "residual"
+    """What the hessian allocator compares: none (E(s) as estimated, the output error in absolute units),
+    output (E(s) over the layer's output energy tr(W H W^T)/2: the fraction of its output lost) or residual
+    (E(s) over the mean squared norm of the block's input hidden state: the perturbation of the residual stream)."""
     owl_threshold: float = 5.0
     """OWL's M: a Wanda score above M x the mean score counts as an outlier."""
     owl_lambda: float = 0.08
@@ -61,6 +66,8 @@ class ScheduleConfig:
             raise ConfigError(f"schedule.min_sparsity={self.min_sparsity} is above max_sparsity={self.max_sparsity}")
         if not 0.0 <= self.spread < 1.0 or not 0.0 <= self.owl_lambda < 1.0:
             raise ConfigError(f"schedule.spread={self.spread} and owl_lambda={self.owl_lambda} must be in [0, 1)")
+        if self.normalize not in NORMALIZE:
+            raise ConfigError(f"schedule.normalize={self.normalize!r}: choose one of {', '.join(NORMALIZE)}")
         if not self.level_step > 0 or not self.owl_threshold > 0:
             raise ConfigError(f"schedule.level_step={self.level_step} and owl_threshold={self.owl_threshold} "
                               "must be > 0")

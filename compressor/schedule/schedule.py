@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from compressor.models.adapters import ModelAdapter, weight_of
-from compressor.pruning.sparsegpt import inverse_hessian_factor
+from compressor.pruning.sparsegpt import inverse_hessian_factor, output_error
 from compressor.pruning.statistics import BlockStatistics
 from compressor.schedule.allocate import (
     ScheduleConfig,
@@ -40,6 +40,10 @@ class LayerEstimate:
     numel: int
     curve: ErrorCurve | None = None
     outlier_ratio: float | None = None
+    output_energy: float | None = None
+    """tr(W H W^T) / 2: the layer's mean squared output per token."""
+    input_energy: float | None = None
+    """Mean squared norm per token of the block's input hidden state."""
 
 
 @dataclass
@@ -81,14 +85,17 @@ def dense_estimates(model: nn.Module, calib: torch.Tensor, targets_of, config: S
         home = next(block.parameters()).device
         block.to(device)
         targets = targets_of(block)
+        tokens = sum(b.shape[0] * b.shape[1] for b in stream.batches)
+        input_energy = sum(b.to(device).float().square().sum().item() for b in stream.batches) / max(tokens, 1)
         with BlockStatistics(targets, gram=gram) as stats:
             outputs = run_block(block, stream, device, on_batch=stats.end_batch)
         factors = {}
         for name, module in targets.items():
             full = f"{adapter.block_path}.{i}.{name}"
             w = weight_of(module)
-            est = LayerEstimate(block=i, numel=w.numel())
+            est = LayerEstimate(block=i, numel=w.numel(), input_energy=input_energy)
             if gram:
+                est.output_energy = output_error(w, torch.zeros_like(w), stats.of(name).hessian)
                 owner = stats.owner[name]
                 if owner not in factors:
                     upper, dead, _ = inverse_hessian_factor(stats.of(name).hessian, percdamp)
@@ -118,6 +125,11 @@ def allocate(estimates: dict[str, LayerEstimate], config: ScheduleConfig, target
     weights = [float(sum(estimates[n].numel for n in units[k])) for k in keys]
     has_curves = all(e.curve is not None for e in estimates.values())
     err_target = [sum(estimates[n].curve.at(target) for n in units[k]) for k in keys] if has_curves else None
+    compared = err_target
+    if has_curves and config.normalize == "output":
+        compared = [e / max(sum(estimates[n].output_energy for n in units[k]), 1e-30) for e, k in zip(err_target, keys)]
+    elif has_curves and config.normalize == "residual":
+        compared = [e / max(estimates[units[k][0]].input_energy, 1e-30) for e, k in zip(err_target, keys)]
     levels = None
     if config.allocator == "uniform":
         chosen = uniform_allocation(weights, target)
@@ -125,12 +137,14 @@ def allocate(estimates: dict[str, LayerEstimate], config: ScheduleConfig, target
         ratios = [estimates[units[k][0]].outlier_ratio for k in keys]
         chosen = owl_allocation(ratios, weights, target, config.owl_lambda)
     else:
-        chosen, levels = hessian_allocation(err_target, weights, target, lo, hi, config.level_step)
+        chosen, levels = hessian_allocation(compared, weights, target, lo, hi, config.level_step)
     sparsity = {n: s for k, s in zip(keys, chosen) for n in units[k]}
     rows = []
     for j, k in enumerate(keys):
         row = {"unit": k, "layers": len(units[k]), "parameters": int(weights[j]), "sparsity": chosen[j]}
         if has_curves:
+            if config.normalize != "none":
+                row[f"compared_error_{config.normalize}"] = compared[j]
             row["est_error_at_target"] = err_target[j]
             row["est_error_at_sparsity"] = sum(estimates[n].curve.at(chosen[j]) for n in units[k])
         if estimates[units[k][0]].outlier_ratio is not None:
