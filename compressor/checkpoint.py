@@ -71,6 +71,7 @@ class BlockCheckpoints:
     def __init__(self, folder: Path, settings, data_fingerprint: str, schedule: dict[str, float] | None = None):
         self.folder = Path(folder)
         self.schedule = schedule
+        self.saved_schedule: dict[str, float] | None = None  # what an earlier run's manifest recorded
         self.config = relevant_settings(settings)
         self.config_hash = digest(self.config)
         self.data_fingerprint = data_fingerprint
@@ -98,6 +99,7 @@ class BlockCheckpoints:
             self.blocks = []
             return []
         old = json.loads(path.read_text())
+        self.saved_schedule = old.get("schedule")
         changes = []
         if old.get("config_hash") != self.config_hash:
             a, b = _flatten(old.get("config", {})), _flatten(self.config)
@@ -115,6 +117,14 @@ class BlockCheckpoints:
                 log.warning("checkpoint %s is missing or damaged: resuming before it", file)
                 break
             good.append(entry)
+        # a cross-block run continues from the newest block's in-window state: it must be intact too
+        while good and "pending_report" in good[-1]:
+            pfile = self.folder / good[-1].get("pending_file", "")
+            if good[-1].get("pending_file") and pfile.is_file() and _file_sha(pfile) == good[-1]["pending_sha256"]:
+                break
+            log.warning("in-window state %s is missing or damaged: resuming before block %d", pfile,
+                        good[-1]["index"])
+            good.pop()
         self.blocks = good
         return list(good)
 
@@ -134,7 +144,7 @@ class BlockCheckpoints:
         ``(weights, masks, hessians, report)``."""
         from safetensors.torch import load_file
 
-        tensors = load_file(self.folder / entry["file"])
+        tensors = load_file(self.folder / entry["pending_file"])
         parts = {p: {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)} for p in ("p.w.", "p.m.", "p.h.")}
         hessians = parts["p.h."]
         hessians.update({k: hessians[owner] for k, owner in entry.get("pending_hessian_aliases", {}).items()})
@@ -154,23 +164,32 @@ class BlockCheckpoints:
         tensors = {f"w.{k}": v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
         tensors.update({f"m.{k}": v.cpu().contiguous() for k, v in masks.items()})
         tensors.update({f"q.{k}": v.cpu().contiguous() for k, v in (quantized or {}).items()})
-        if pending is not None:
-            tensors.update({f"p.w.{k}": v.detach().cpu().contiguous() for k, v in pending["block"].state_dict().items()})
-            tensors.update({f"p.m.{k}": v.cpu().contiguous() for k, v in pending["masks"].items()})
+        staged = {}
+        if pending is not None:  # its own file, kept only for the newest two blocks (see below)
+            staged = {f"p.w.{k}": v.detach().cpu().contiguous() for k, v in pending["block"].state_dict().items()}
+            staged.update({f"p.m.{k}": v.cpu().contiguous() for k, v in pending["masks"].items()})
             aliases = {}  # layers sharing one input share one Hessian: store it once
             for k, v in pending["hessians"].items():
                 owner = next((o for o, t in pending["hessians"].items() if t is v), k)
                 if owner == k:
-                    tensors[f"p.h.{k}"] = v.cpu().contiguous()
+                    staged[f"p.h.{k}"] = v.cpu().contiguous()
                 else:
                     aliases[k] = owner
-        for name, t in tensors.items():
+        for name, t in {**tensors, **staged}.items():
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise FloatingPointError(f"block {index}: {name} holds NaN/Inf; not checkpointed")
         name = f"block_{index:03d}.safetensors"
         path = atomic_write(self.folder / name, lambda tmp: save_file(tensors, tmp))
         entry = {"index": index, "file": name, "sha256": _file_sha(path), "report": report}
         if pending is not None:
-            entry["pending_report"], entry["pending_hessian_aliases"] = pending["report"], aliases
+            pname = f"pending_{index + 1:03d}.safetensors"
+            ppath = atomic_write(self.folder / pname, lambda tmp: save_file(staged, tmp))
+            entry.update(pending_file=pname, pending_sha256=_file_sha(ppath), pending_report=pending["report"],
+                         pending_hessian_aliases=aliases)
         self.blocks.append(entry)
         atomic_write_json(self.folder / MANIFEST, self._manifest())
+        # only the newest two blocks' in-window states can be needed by a resume (one more in case the
+        # newest is damaged); older ones go, so CR checkpoints do not grow with the model
+        for old in self.blocks[:-2]:
+            if old.pop("pending_file", None):
+                (self.folder / f"pending_{old['index'] + 1:03d}.safetensors").unlink(missing_ok=True)

@@ -203,6 +203,11 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
             finished = checkpoints.resume(settings.output.start_over)
             if finished:
                 log.info("resuming: %d finished blocks loaded from %s", len(finished), out / "checkpoints")
+            if finished and schedule and checkpoints.saved_schedule and checkpoints.saved_schedule != schedule.sparsity:
+                # the finished blocks followed the saved schedule: keep it (the dense pass may differ in the last
+                # bits on another machine and cross a level boundary)
+                log.warning("the recomputed schedule differs from the one the finished blocks used: keeping the saved")
+                schedule.sparsity = checkpoints.schedule = checkpoints.saved_schedule
         t = time.perf_counter()
         pruner = SequentialPruner(model, settings.pruning, settings.runtime, device,
                                   sparsity_map=schedule.sparsity if schedule else None,
@@ -288,9 +293,9 @@ def dry_run_report(settings: RunSettings, schedule: Schedule, timings: dict, dev
     report = {"tool": "compressor", "dry_run": True, "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": " ".join(sys.argv), "machine": machine_name(device), "settings": asdict(settings),
               "schedule": schedule.to_dict(), "timings": timings, "peak_memory": peak_memory(device),
-              "outputs": {"dir": str(out), "schedule": str(out / "schedule.json"),
+              "outputs": {"dir": str(out), "schedule": str(out / "schedule.json"), "report": str(out / "dry_run.json"),
                           "schedule_plot": str(out / "schedule.png") if settings.output.plots else None}}
-    atomic_write_json(out / "report.json", report)
+    atomic_write_json(out / "dry_run.json", report)  # not report.json: a dry run is not a finished compression
     Console().print(schedule_table(schedule))
     print(f"dry run: schedule computed in {schedule.seconds:.1f}s, nothing pruned; written {out / 'schedule.json'}")
     return report

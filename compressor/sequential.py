@@ -225,6 +225,8 @@ class SequentialPruner:
             if name in hessians:
                 report.quant_error[name] = output_error(w, res.dequantized, hessians[name])
             set_weight(module, res.dequantized)
+            if res.mask is not None:
+                self.masks[full] = res.mask.cpu()
             for part in ("codes", "scales", "zeros"):
                 self.quantized[f"{full}.{part}"] = getattr(res, part).cpu()
 
@@ -349,7 +351,8 @@ class SequentialPruner:
         for name, mask in masks.items():
             self.masks[f"{self.adapter.block_path}.{i}.{name}"] = mask
         if hessians:
-            self._hessians[i] = {n: h.to(self.device) for n, h in hessians.items()}
+            moved = {}  # layers sharing one input share one Hessian: move each tensor once
+            self._hessians[i] = {n: moved.setdefault(id(h), h.to(self.device)) for n, h in hessians.items()}
         return BlockReport(**report)
 
     def _cross_block_step(self, i, block, streams, rec, dense_rec, held, dense_held, prev, report, progress, on_block,

@@ -29,7 +29,7 @@ def pruned_layer(rows=32, cols=256, sparsity=0.5, seed=0):
 @pytest.mark.parametrize("group", [128, 64, 100])
 def test_quantized_weights_respect_the_mask_and_the_grid(method, group):
     w, mask, h = pruned_layer()
-    q = quantize_rtn(w, mask, 4, group) if method == "rtn" else quantize_gptq(w, h, mask, 4, group)
+    q = quantize_rtn(w, mask, 4, group) if method == "rtn" else quantize_gptq(w, h, mask, 4, group, blocksize=group)
     assert torch.all(q.dequantized[~mask] == 0)  # pruned stay exactly zero
     assert torch.all(q.codes[~mask] == 0) and int(q.codes.max()) <= 15
     # every kept weight is exactly (code - zero) * scale of its group
@@ -122,3 +122,16 @@ def test_clip_search_never_rounds_worse_than_min_max():
     assert torch.all(clipped <= plain + 1e-12) and clipped.sum() < plain.sum()
     q = quantize_gptq(w, h, mask, 4, 128, clip=True)
     assert torch.all(q.dequantized[~mask] == 0)
+
+
+def test_groups_whose_kept_weights_share_one_sign_are_not_clipped():
+    w = torch.tensor([[0.02, 0.03, 0.025, 0.0], [-0.5, -0.4, -0.45, 0.0]])
+    mask = w != 0
+    q = quantize_rtn(w, mask, 4, 4)
+    step = q.scales.max().item()
+    assert torch.all((q.dequantized - w).abs() <= 0.5 * step + 1e-6)
+
+
+def test_blocksize_must_hold_whole_groups():
+    with pytest.raises(ConfigError, match="blocksize=96 must be a multiple of group_size=64"):
+        QuantizationConfig(blocksize=96, group_size=64)

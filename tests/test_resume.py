@@ -98,9 +98,10 @@ def test_non_finite_activations_stop_before_checkpointing():
         check_finite(4, [torch.ones(2, 3), torch.tensor([[float("nan")]])])
 
 
-@pytest.mark.parametrize("mode,quant", [("br+gp+cr", "none"), ("br+gp+cr", "gptq"), ("br+gp", "gptq")])
+@pytest.mark.parametrize("mode,quant,damage", [("br+gp+cr", "none", False), ("br+gp+cr", "gptq", False),
+                                             ("br+gp", "gptq", False), ("br+gp+cr", "none", True)])
 def test_interrupted_reconstruction_resumes_bit_identical(tmp_path, text_file, smollm2_tokenizer, monkeypatch, mode,
-                                                          quant):
+                                                          quant, damage):
     """Stop after the second block checkpoint (cross-block windows save the next block's in-window state beside
     it); the resumed run's model equals the uninterrupted one's bit for bit, and no block is pruned twice."""
     from compressor.checkpoint import BlockCheckpoints
@@ -130,6 +131,11 @@ def test_interrupted_reconstruction_resumes_bit_identical(tmp_path, text_file, s
     manifest = json.loads((tmp_path / "run" / "checkpoints" / "manifest.json").read_text())
     assert manifest["blocks_done"] == 2
     assert ("pending_report" in manifest["blocks"][-1]) == mode.endswith("cr")
+    if mode.endswith("cr"):  # the in-window state lives in its own file, checked like the block files
+        pending = tmp_path / "run" / "checkpoints" / manifest["blocks"][-1]["pending_file"]
+        assert pending.is_file()
+        if damage:  # a torn in-window state: the resume steps back one block and uses the one before
+            pending.write_bytes(b"torn")
     import compressor.sequential as seq
 
     pruned = []
@@ -137,6 +143,6 @@ def test_interrupted_reconstruction_resumes_bit_identical(tmp_path, text_file, s
     monkeypatch.setattr(seq, "prune_weight", lambda *a, **k: pruned.append(1) or real_prune(*a, **k))
     resumed = go(tmp_path / "run")
     # blocks 0-1 are loaded; with CR block 2 comes back from its in-window state, so only block 3 is pruned
-    assert len(pruned) == 7 * (1 if mode.endswith("cr") else 2)
+    assert len(pruned) == 7 * (1 if mode.endswith("cr") and not damage else 2)
     assert resumed.keys() == reference.keys()
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)

@@ -43,8 +43,11 @@ class QuantizationConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ConfigError(f"quantization.method={self.method!r} is unknown: choose one of {', '.join(METHODS)}")
-        if not 2 <= self.bits <= 8:
-            raise ConfigError(f"quantization.bits={self.bits} must be between 2 and 8")
+        if not 2 <= self.bits <= 4:
+            raise ConfigError(f"quantization.bits={self.bits} must be between 2 and 4 (codes are packed two per byte)")
+        if self.group_size >= 1 and self.blocksize >= 1 and self.blocksize % self.group_size:
+            raise ConfigError(f"quantization.blocksize={self.blocksize} must be a multiple of group_size="
+                              f"{self.group_size} (a group's range is taken from weights that are fully updated)")
         if self.group_size < 1 or self.blocksize < 1 or not self.percdamp > 0:
             raise ConfigError(f"quantization: group_size ({self.group_size}) and blocksize ({self.blocksize}) must be "
                               f">= 1, percdamp ({self.percdamp}) > 0")
@@ -63,6 +66,8 @@ class Quantized:
     scales: torch.Tensor
     zeros: torch.Tensor
     dequantized: torch.Tensor
+    mask: torch.Tensor | None = None
+    """The keep-mask after quantization when it changed (GPTQ zeroes inputs that never fired)."""
 
 
 SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
@@ -95,12 +100,13 @@ def _minmax_grid(w: torch.Tensor, mask: torch.Tensor, bits: int, shrink: float) 
     lo = torch.where(mask, w, torch.full_like(w, big)).amin(1)
     hi = torch.where(mask, w, torch.full_like(w, -big)).amax(1)
     empty = ~mask.any(1)
-    lo, hi = torch.where(empty, 0.0, lo) * shrink, torch.where(empty, 0.0, hi) * shrink
-    flat = (hi - lo) == 0
-    # a constant group (or a single kept weight) is put on the grid exactly: scale |value|, code 1 or 0
-    scale = torch.where(flat, torch.where(lo != 0, lo.abs(), torch.ones_like(lo)), (hi - lo) / maxq)
+    # the range always holds 0, so the integer zero point lies in [0, maxq] (a group whose kept weights share
+    # one sign would otherwise need a zero point outside the code range and be clipped)
+    lo = torch.where(empty, 0.0, lo).clamp_max(0.0) * shrink
+    hi = torch.where(empty, 0.0, hi).clamp_min(0.0) * shrink
+    scale = torch.where(hi > lo, (hi - lo) / maxq, torch.ones_like(lo))
     scale = scale.to(torch.float16).float().clamp_min(2.0**-24)  # stored as fp16: compute with what is stored
-    zero = torch.where(flat, (lo < 0).float(), torch.clamp(torch.round(-lo / scale), 0, maxq))
+    zero = torch.clamp(torch.round(-lo / scale), 0, maxq)
     return scale, zero
 
 
@@ -152,8 +158,9 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
             c = start + j
             if c % group_size == 0:  # a new group: its grid from the weights as updated so far
                 g_end = min(c + group_size, cols)
-                grid_w = torch.cat([w_blk[:, j:], w[:, end:g_end]], 1) if g_end > end else w_blk[:, j : j + g_end - c]
-                scale, zero = group_grid(grid_w, mask[:, c:g_end], bits, clip)
+                if g_end > end:
+                    raise ValueError(f"blocksize {blocksize} must be a multiple of group_size {group_size}")
+                scale, zero = group_grid(w_blk[:, j : j + g_end - c], mask[:, c:g_end], bits, clip)
                 scales[:, c // group_size], zeros[:, c // group_size] = scale, zero
             q = quantize_column(w_blk[:, j], scale, zero, bits) * keep[:, c]
             codes[:, c] = q.to(torch.uint8)
@@ -162,12 +169,14 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
             w_blk[:, j:] -= err.unsqueeze(1) * u_blk[j, j:].unsqueeze(0)
             err_blk[:, j] = err
         w[:, end:] -= err_blk @ upper[start:end, end:]
-    return Quantized(codes, scales, zeros, deq)
+    return Quantized(codes, scales, zeros, deq, mask)
 
 
 def bits_per_weight(numel: int, kept: int, groups: int, bits: int, scale_bits: int = 16) -> dict:
-    """Storage of one layer, per weight: kept values at ``bits``, a 1-bit keep-mask, an fp16 scale and a
-    ``bits``-wide zero point per group; and the same without the mask (every position stored)."""
+    """Storage of one layer, per weight, as ``quantized.safetensors`` holds it: kept values and zero points in
+    4-bit nibbles (``bits`` <= 4), a 1-bit keep-mask and an fp16 scale per group; and the same without the mask
+    (every position stored)."""
+    bits = 4  # storage width of a code, whatever the grid uses
     values, mask, grid = bits * kept, numel, groups * (scale_bits + bits)
     return {"values": values / numel, "mask": mask / numel, "scales": grid / numel,
             "total": (values + mask + grid) / numel, "dense_codes_total": (bits * numel + grid) / numel}

@@ -117,6 +117,8 @@ def dense_estimates(model: nn.Module, calib: torch.Tensor, targets_of, config: S
 def allocate(estimates: dict[str, LayerEstimate], config: ScheduleConfig, target: float) -> Schedule:
     """Group layers into units (blocks or layers), run the allocator, expand back to layers."""
     lo, hi = config.sparsity_range(target)
+    if not estimates:  # nothing prunable (pruning.skip covers every layer)
+        return Schedule(config.allocator, config.granularity, target, (lo, hi), {}, target)
     units: dict[str, list[str]] = {}
     for name, est in estimates.items():
         key = f"block {est.block}" if config.granularity == "block" else name
