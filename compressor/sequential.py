@@ -433,17 +433,19 @@ class SequentialPruner:
 
     def _prune_layers(self, i: int, layers: dict[str, nn.Module], stats: BlockStatistics | None,
                       report: BlockReport) -> None:
+        hessians: dict[str, torch.Tensor] = {}  # by owner: layers sharing an input share one Hessian tensor
         for name, module in layers.items():
             full = f"{self.adapter.block_path}.{i}.{name}"
             w = weight_of(module)
             new_w, mask = prune_weight(w, stats.of(name) if stats else None, self.pruning, self.sparsity_map.get(full))
             if stats is not None and stats.gram:
-                hessian = stats.of(name).hessian
+                owner = stats.owner[name]
+                if owner not in hessians:
+                    hessians[owner] = stats.of(name).hessian
+                hessian = hessians[owner]
                 report.layer_error[name] = output_error(w, new_w, hessian)
                 if self.quant.method == "gptq":
-                    kept = self._hessians.setdefault(i, {})
-                    owner = next((n for n in kept if stats.owner.get(n) == stats.owner[name]), None)
-                    kept[name] = kept[owner] if owner is not None else hessian
+                    self._hessians.setdefault(i, {})[name] = hessian
             set_weight(module, new_w)
             self.masks[full] = mask.cpu()
             report.sparsity[name] = achieved_sparsity(mask)
