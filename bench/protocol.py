@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--level-step", type=float, default=0.5, help="hessian schedule: decades per level")
     ap.add_argument("--owl-lambda", type=float, default=0.08)
     ap.add_argument("--no-clip", action="store_true", help="INT4: min-max group ranges instead of the clip search")
+    ap.add_argument("--no-act-order", action="store_true", help="GPTQ: columns left to right (dynamic groups)")
     ap.add_argument("--normalize", default="none", help="hessian schedule: none, output or residual")
     args = ap.parse_args()
 
@@ -124,7 +125,8 @@ def main() -> None:
             schedule=ScheduleConfig(allocator=allocator, granularity=args.granularity, spread=args.spread,
                                     level_step=args.level_step, owl_lambda=args.owl_lambda,
                                     normalize=args.normalize),
-            quantization=QuantizationConfig(method=quant, clip=not args.no_clip),
+            quantization=QuantizationConfig(method=quant, clip=not args.no_clip,
+                                            act_order=not args.no_act_order),
         )
         t = time.perf_counter()
         report = compress(run, device, progress=False, model_and_tokenizer=(model, tokenizer))
@@ -148,6 +150,7 @@ def main() -> None:
         if quant != "none":
             q = report["quantization"]
             extra.update(bits=q["bits"], quantizer=q["method"], group_size=q["group_size"], clip=not args.no_clip,
+                         act_order=(not args.no_act_order) if quant == "gptq" else None,
                          bits_per_weight=q["bits_per_weight"]["total"], quant_output_error=q["output_error_total"])
         train = [t for b in report["blocks"] for t in b["training"]]
         records.append({

@@ -312,7 +312,8 @@ def quantization_summary(cfg: QuantizationConfig, pruner: SequentialPruner, bloc
             kept += int(mask.sum())
             groups += pruner.quantized[f"{name}.scales"].numel()
     errors = {f"{b.index}.{n}": e for b in blocks for n, e in b.quant_error.items()}
-    return {"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size,
+    return {"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "clip": cfg.clip,
+            "act_order": cfg.act_order if cfg.method == "gptq" else None,
             "bits_per_weight": bits_per_weight(numel, kept, groups, cfg.bits),
             "output_error_total": sum(errors.values()) if errors else None, "layer_output_error": errors}
 

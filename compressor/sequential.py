@@ -219,7 +219,8 @@ class SequentialPruner:
                 continue
             w, mask = weight_of(module).detach().float(), self.masks[full].to(self.device)
             if q.method == "gptq":
-                res = quantize_gptq(w, hessians[name], mask, q.bits, q.group_size, q.percdamp, q.blocksize, q.clip)
+                res = quantize_gptq(w, hessians[name], mask, q.bits, q.group_size, q.percdamp, q.blocksize, q.clip,
+                                    q.act_order)
             else:
                 res = quantize_rtn(w, mask, q.bits, q.group_size, q.clip)
             if name in hessians:

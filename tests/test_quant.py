@@ -25,11 +25,14 @@ def pruned_layer(rows=32, cols=256, sparsity=0.5, seed=0):
     return w_pruned, mask, h
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "gptq-act-order"])
 @pytest.mark.parametrize("group", [128, 64, 100])
 def test_quantized_weights_respect_the_mask_and_the_grid(method, group):
     w, mask, h = pruned_layer()
-    q = quantize_rtn(w, mask, 4, group) if method == "rtn" else quantize_gptq(w, h, mask, 4, group, blocksize=group)
+    if method == "rtn":
+        q = quantize_rtn(w, mask, 4, group)
+    else:
+        q = quantize_gptq(w, h, mask, 4, group, blocksize=group, act_order=method == "gptq-act-order")
     assert torch.all(q.dequantized[~mask] == 0)  # pruned stay exactly zero
     assert torch.all(q.codes[~mask] == 0) and int(q.codes.max()) <= 15
     # every kept weight is exactly (code - zero) * scale of its group
@@ -48,11 +51,22 @@ def test_rtn_error_is_at_most_half_a_step():
     assert torch.all(((w - q.dequantized).abs() <= 0.5 * step + 1e-7)[mask])
 
 
-def test_gptq_beats_round_to_nearest_on_output_error():
-    w, mask, h = pruned_layer()
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_round_to_nearest_with_and_without_act_order(act_order):
+    w, mask, h = pruned_layer(seed=1)
     rtn = output_error(w, quantize_rtn(w, mask, 4, 128).dequantized, h)
-    gptq = output_error(w, quantize_gptq(w, h, mask, 4, 128).dequantized, h)
+    gptq = output_error(w, quantize_gptq(w, h, mask, 4, 128, act_order=act_order).dequantized, h)
     assert gptq < 0.5 * rtn, (gptq, rtn)
+
+
+def test_act_order_with_a_diagonal_hessian_is_round_to_nearest():
+    # uncorrelated inputs: no error to spread, and act-order's grids are those of the weights as they enter
+    w, mask, _ = pruned_layer()
+    h = torch.diag(torch.linspace(0.5, 3.0, w.shape[1]).flip(0)[torch.randperm(w.shape[1])])
+    q = quantize_gptq(w, h, mask, 4, 64, blocksize=64, act_order=True, clip=True)
+    r = quantize_rtn(w, mask, 4, 64, clip=True)
+    assert torch.equal(q.codes, r.codes) and torch.equal(q.scales, r.scales) and torch.equal(q.zeros, r.zeros)
+    assert torch.allclose(q.dequantized, r.dequantized, atol=1e-7)
 
 
 def test_single_kept_weight_and_empty_groups_are_exact():

@@ -10,6 +10,11 @@ error over the columns to its right through the upper Cholesky factor U of H^-1,
 SparseGPT uses; a pruned position's "quantized" value is 0, so the OBS update also keeps the
 pruned weights' removal compensated. A group's scale and zero are taken when the sweep reaches
 its first column, from the already-updated weights.
+
+With ``act_order`` the sweep visits the columns by decreasing diag(H) (the inputs with the most
+energy first, while the most columns are left to absorb their error), and every group's grid is
+fixed beforehand from the weights as they enter (static groups): the groups stay contiguous
+column ranges in the stored layout, so nothing else (packing, loading) changes.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ class QuantizationConfig:
     """GPTQ columns per lazy-update block."""
     clip: bool = True
     """Choose each group's range by a small search over shrink factors (least rounding error) instead of min-max."""
+    act_order: bool = True
+    """GPTQ: quantize columns by decreasing Hessian diagonal, with each group's grid fixed before the sweep."""
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -139,16 +146,27 @@ def quantize_rtn(weight: torch.Tensor, mask: torch.Tensor, bits: int = 4, group_
 
 
 def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, bits: int = 4,
-                  group_size: int = 128, percdamp: float = 0.01, blocksize: int = 128, clip: bool = False
-                  ) -> Quantized:
+                  group_size: int = 128, percdamp: float = 0.01, blocksize: int = 128, clip: bool = False,
+                  act_order: bool = False) -> Quantized:
     """GPTQ-style quantization of the kept weights; ``hessian`` ``[cols, cols]`` of the layer's inputs."""
     w = weight.detach().float().clone()
     rows, cols = w.shape
-    upper, dead, _ = inverse_hessian_factor(hessian.to(w.device), percdamp)
+    h = hessian.to(w.device).float()
+    dead = torch.diag(h) == 0
     mask = mask.to(w.device) & ~dead.unsqueeze(0)
     codes, scales, zeros = _grid_shapes(rows, cols, group_size, w.device)
-    deq = torch.zeros_like(w)
-    keep = mask.float()
+    group_of = torch.arange(cols, device=w.device) // group_size
+    if act_order:  # static groups from the weights as they enter, then the sweep in order of decreasing diag(H)
+        for g, start in enumerate(range(0, cols, group_size)):
+            sl = slice(start, min(start + group_size, cols))
+            scales[:, g], zeros[:, g] = group_grid(w[:, sl] * mask[:, sl], mask[:, sl], bits, clip)
+        order = torch.argsort(torch.diag(h), descending=True, stable=True)
+    else:
+        order = torch.arange(cols, device=w.device)
+    upper, _, _ = inverse_hessian_factor(h[order][:, order], percdamp)
+    w, keep_p, groups_p = w[:, order], mask[:, order], group_of[order]
+    keep = keep_p.float()
+    q_all = torch.zeros_like(w)
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
         w_blk = w[:, start:end].clone()
@@ -156,20 +174,25 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
         err_blk = torch.zeros_like(w_blk)
         for j in range(end - start):
             c = start + j
-            if c % group_size == 0:  # a new group: its grid from the weights as updated so far
+            g = int(groups_p[c])
+            if not act_order and c % group_size == 0:  # a new group: its grid from the weights as updated so far
                 g_end = min(c + group_size, cols)
                 if g_end > end:
                     raise ValueError(f"blocksize {blocksize} must be a multiple of group_size {group_size}")
-                scale, zero = group_grid(w_blk[:, j : j + g_end - c], mask[:, c:g_end], bits, clip)
-                scales[:, c // group_size], zeros[:, c // group_size] = scale, zero
+                scales[:, g], zeros[:, g] = group_grid(w_blk[:, j : j + g_end - c], keep_p[:, c:g_end], bits, clip)
+            scale, zero = scales[:, g], zeros[:, g]
             q = quantize_column(w_blk[:, j], scale, zero, bits) * keep[:, c]
-            codes[:, c] = q.to(torch.uint8)
-            deq[:, c] = (q - zero) * scale * keep[:, c]
-            err = (w_blk[:, j] - deq[:, c]) / u_blk[j, j]
+            q_all[:, c] = q
+            deq = (q - zero) * scale * keep[:, c]
+            err = (w_blk[:, j] - deq) / u_blk[j, j]
             w_blk[:, j:] -= err.unsqueeze(1) * u_blk[j, j:].unsqueeze(0)
             err_blk[:, j] = err
         w[:, end:] -= err_blk @ upper[start:end, end:]
-    return Quantized(codes, scales, zeros, deq, mask)
+    inverse = torch.argsort(order)
+    q_all = q_all[:, inverse]
+    codes.copy_(q_all.to(torch.uint8))
+    deq = (q_all - zeros.repeat_interleave(group_size, 1)[:, :cols]) * scales.repeat_interleave(group_size, 1)[:, :cols]
+    return Quantized(codes, scales, zeros, deq * mask, mask)
 
 
 def bits_per_weight(numel: int, kept: int, groups: int, bits: int, scale_bits: int = 16) -> dict:
