@@ -21,12 +21,13 @@ from torch import nn
 from compressor.config import PruningConfig, RuntimeConfig
 from compressor.models.adapters import ModelAdapter, set_weight, weight_of
 from compressor.pruning.masks import achieved_sparsity
-from compressor.pruning.prune import needs_statistics, prune_weight
+from compressor.pruning.prune import needs_statistics, prune_shared
 from compressor.pruning.sparsegpt import output_error
 from compressor.pruning.statistics import BlockStatistics
 from compressor.quant.int4 import QuantizationConfig, quantize_gptq, quantize_rtn
 from compressor.reconstruction.fit import fit_window
 from compressor.reconstruction.module import ReconstructionConfig, window_masks
+from compressor.streaming import HostHome
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class SequentialPruner:
     def __init__(self, model: nn.Module, pruning: PruningConfig, runtime: RuntimeConfig, device: torch.device,
                  sparsity_map: dict[str, float] | None = None, reconstruction: ReconstructionConfig | None = None,
                  log_dir: Path | None = None, accelerator: str = "auto",
-                 quantization: QuantizationConfig | None = None):
+                 quantization: QuantizationConfig | None = None, homes=None, keep_masks: bool = True):
         self.model = model
         self.adapter = ModelAdapter(model)
         self.pruning = pruning
@@ -190,6 +191,13 @@ class SequentialPruner:
         self.log_dir = log_dir
         self.accelerator = accelerator
         self.quant = quantization or QuantizationConfig()
+        self.homes = homes or HostHome()
+        """Where blocks live between their turns (compressor.streaming): host memory unless told otherwise."""
+        self.keep_masks = keep_masks
+        """False: a finished block's masks are dropped from ``masks`` (its zeros record them), so host memory
+        does not grow with the model; cross-block windows need them, so they keep them."""
+        if not keep_masks and self.recon.cross_block:
+            raise ValueError("keep_masks=False is for runs without cross-block windows")
         self.masks: dict[str, torch.Tensor] = {}
         self.quantized: dict[str, torch.Tensor] = {}  # "<layer>.codes|scales|zeros" -> tensor (CPU)
         self._hessians: dict[int, dict[str, torch.Tensor]] = {}  # per block, kept until it is quantized
@@ -281,8 +289,7 @@ class SequentialPruner:
         for i in bar:
             t0 = time.perf_counter()
             block = blocks[i]
-            home = self._home = next(block.parameters()).device
-            block.to(self.device)
+            self.homes.fetch(i, block, self.device)
             report = BlockReport(index=i, seconds=0.0)
             if need_dense:
                 dense_rec.batches = run_block(block, dense_rec, self.device)
@@ -300,7 +307,7 @@ class SequentialPruner:
                     self.quantized[f"{self.adapter.block_path}.{i}.{name}"] = t
                 for s in streams:
                     s.batches = run_block(block, s, self.device)
-                block.to(home)
+                self._release(i, block)
                 reports.append(BlockReport(**finished[i]["report"]))
                 continue
             br_target = run_block(block, rec, self.device) if recon.enabled and not recon.global_target else None
@@ -322,20 +329,26 @@ class SequentialPruner:
                     s.batches = run_block(block, s, self.device)
                 check_finite(i, rec.batches)
                 self._measure(report, rec, dense_rec, held, dense_held)
-            block.to(home)
+            if checkpoints is not None and not recon.cross_block:
+                checkpoints.save(i, block, self._block_masks(i, block), asdict(report),
+                                 self._block_masks(i, block, self.quantized))
+            self._release(i, block)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             report.seconds = time.perf_counter() - t0
             reports.append(report)
-            if checkpoints is not None and not recon.cross_block:
-                checkpoints.save(i, block, self._block_masks(i, block), asdict(report),
-                                 self._block_masks(i, block, self.quantized))
             if report.calib_rel_error is not None:
                 bar.set_postfix(rel_err=f"{report.calib_rel_error:.4f}")
             if on_block is not None and not recon.cross_block:
                 on_block(report)
         bar.close()
         return reports
+
+    def _release(self, i: int, block: nn.Module, final: bool = True) -> None:
+        self.homes.release(i, block)
+        if final and not self.keep_masks:
+            for name in self._block_masks(i, block):
+                del self.masks[f"{self.adapter.block_path}.{i}.{name}"]
 
     def _measure(self, report: BlockReport, rec, dense_rec, held, dense_held) -> None:
         if dense_rec is None:
@@ -369,7 +382,8 @@ class SequentialPruner:
             inputs = {id(s): list(s.batches) for s in streams}
             self._fit(i, [block], rec, dense_rec.batches, report, progress)
         elif not prev.get("restored"):
-            prev_block = blocks[i - 1].to(self.device)
+            prev_block = blocks[i - 1]
+            self.homes.fetch(i - 1, prev_block, self.device)
             inputs = prev["inputs"]
             window_in = Stream(inputs[id(rec)], rec.kwargs)
             self._fit(i - 1, [prev_block, block], window_in, dense_rec.batches, report, progress)
@@ -386,7 +400,7 @@ class SequentialPruner:
                            "hessians": self._hessians.get(i, {})}
                 checkpoints.save(i - 1, prev_block, self._block_masks(i - 1, prev_block), asdict(prev["report"]),
                                  self._block_masks(i - 1, prev_block, self.quantized), pending)
-            prev_block.to(self._home)
+            self.homes.release(i - 1, prev_block)
         if prev is not None:
             inputs = {id(s): list(s.batches) for s in streams}
             if last:  # the last block alone
@@ -434,19 +448,22 @@ class SequentialPruner:
 
     def _prune_layers(self, i: int, layers: dict[str, nn.Module], stats: BlockStatistics | None,
                       report: BlockReport) -> None:
-        hessians: dict[str, torch.Tensor] = {}  # by owner: layers sharing an input share one Hessian tensor
-        for name, module in layers.items():
-            full = f"{self.adapter.block_path}.{i}.{name}"
-            w = weight_of(module)
-            new_w, mask = prune_weight(w, stats.of(name) if stats else None, self.pruning, self.sparsity_map.get(full))
-            if stats is not None and stats.gram:
-                owner = stats.owner[name]
-                if owner not in hessians:
-                    hessians[owner] = stats.of(name).hessian
-                hessian = hessians[owner]
-                report.layer_error[name] = output_error(w, new_w, hessian)
-                if self.quant.method == "gptq":
-                    self._hessians.setdefault(i, {})[name] = hessian
-            set_weight(module, new_w)
-            self.masks[full] = mask.cpu()
-            report.sparsity[name] = achieved_sparsity(mask)
+        """Prune ``layers`` of block ``i``; layers reading one input are pruned together (one Hessian tensor,
+        and for SparseGPT one factorization and one stacked sweep)."""
+        groups: dict[str, list[str]] = {}
+        for name in layers:
+            groups.setdefault(stats.owner[name] if stats is not None else name, []).append(name)
+        for owner, names in groups.items():
+            fulls = [f"{self.adapter.block_path}.{i}.{n}" for n in names]
+            weights = [weight_of(layers[n]) for n in names]
+            hessian = stats.of(owner).take_hessian() if stats is not None and stats.gram else None
+            results = prune_shared(weights, stats.of(owner) if stats else None, self.pruning,
+                                   [self.sparsity_map.get(f) for f in fulls], hessian)
+            for name, full, w, (new_w, mask) in zip(names, fulls, weights, results):
+                if hessian is not None:
+                    report.layer_error[name] = output_error(w, new_w, hessian)
+                    if self.quant.method == "gptq":
+                        self._hessians.setdefault(i, {})[name] = hessian
+                set_weight(layers[name], new_w)
+                self.masks[full] = mask.cpu()
+                report.sparsity[name] = achieved_sparsity(mask)

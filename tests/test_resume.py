@@ -44,7 +44,7 @@ def test_checkpoints_resume_and_skip_finished_blocks(tmp_path, text_file, smollm
     # rerun: every block is loaded, none pruned again
     import compressor.sequential as seq
 
-    monkeypatch.setattr(seq, "prune_weight", lambda *a, **k: pytest.fail("a finished block was pruned again"))
+    monkeypatch.setattr(seq, "prune_shared", lambda *a, **k: pytest.fail("a finished block was pruned again"))
     second = run(tmp_path / "a", text_file, smollm2_tokenizer)
     assert second["resumed_blocks"] == 3
     masks_after = load_file(tmp_path / "a" / "masks.safetensors")
@@ -140,7 +140,7 @@ def test_interrupted_reconstruction_resumes_bit_identical(tmp_path, text_file, s
 
     pruned = []
     real_prune = seq.prune_weight
-    monkeypatch.setattr(seq, "prune_weight", lambda *a, **k: pruned.append(1) or real_prune(*a, **k))
+    monkeypatch.setattr(seq, "prune_shared", lambda *a, **k: pruned.append(1) or real_prune(*a, **k))
     resumed = go(tmp_path / "run")
     # blocks 0-1 are loaded; with CR block 2 comes back from its in-window state, so only block 3 is pruned
     assert len(pruned) == 7 * (1 if mode.endswith("cr") and not damage else 2)

@@ -6,7 +6,7 @@ import torch
 
 from compressor.config import PruningConfig
 from compressor.pruning.masks import magnitude_mask, wanda_mask
-from compressor.pruning.sparsegpt import sparsegpt_prune
+from compressor.pruning.sparsegpt import sparsegpt_prune, sparsegpt_prune_shared
 from compressor.pruning.statistics import InputStatistics
 
 
@@ -32,3 +32,18 @@ def prune_weight(
         mask = wanda_mask(w, stats.column_sq_norm, s, nm)
         return w * mask, mask
     return sparsegpt_prune(w, stats.hessian, s, nm, cfg.blocksize, cfg.percdamp)
+
+
+def prune_shared(
+    weights: list[torch.Tensor], stats: InputStatistics | None, cfg: PruningConfig, sparsities: list[float | None],
+    hessian: torch.Tensor | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Prune weights that read one input (q/k/v, gate/up): SparseGPT factors the Hessian (``hessian``, else
+    the one of ``stats``) once and sweeps them stacked; the other criteria prune each weight on its own.
+    Results as :func:`prune_weight`'s."""
+    if cfg.method != "sparsegpt":
+        return [prune_weight(w, stats, cfg, s) for w, s in zip(weights, sparsities)]
+    s = [cfg.sparsity if x is None else x for x in sparsities]
+    ws = [w.detach().float() for w in weights]
+    h = stats.hessian if hessian is None else hessian
+    return sparsegpt_prune_shared(ws, h, s, cfg.nm, cfg.blocksize, cfg.percdamp)

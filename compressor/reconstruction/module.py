@@ -118,18 +118,18 @@ class BlockReconstruction(LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        for p, keep in self.masked:
-            if p.grad is not None:
-                p.grad.mul_(keep)
+        grads = [(p.grad, keep) for p, keep in self.masked if p.grad is not None]
+        if grads:
+            torch._foreach_mul_([g for g, _ in grads], [k for _, k in grads])
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         with torch.no_grad():
-            for p, keep in self.masked:
-                p.mul_(keep)
+            torch._foreach_mul_([p for p, _ in self.masked], [k for _, k in self.masked])
 
     def configure_optimizers(self):
         params = [p for p in self.blocks.parameters() if p.requires_grad]
+        fused = all(p.is_cuda and p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, betas=self.cfg.betas, eps=self.cfg.eps,
-                                weight_decay=self.cfg.weight_decay)
+                                weight_decay=self.cfg.weight_decay, fused=fused or None)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / self.total_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
