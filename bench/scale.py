@@ -13,7 +13,9 @@ turn or in memory after it, so neither the GPU nor the host ever holds the model
 
 ``--blocks N`` runs the first N blocks of the shape; the projected total is the capture time plus
 the mean time of the blocks after the first (warm-up) times the shape's block count. Peak GPU
-memory is torch's max_memory_allocated; peak host memory is the process's max resident set size.
+memory is torch's max_memory_allocated (and max_memory_reserved: what the caching allocator held, run
+with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless set otherwise); peak host memory is the
+process's max resident set size.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import copy
 import datetime
 import json
+import os
 import resource
 import shutil
 import sys
@@ -29,7 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+# big tensors of many sizes come and go per block: growable segments keep the cache from fragmenting
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

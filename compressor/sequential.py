@@ -137,6 +137,16 @@ def run_block(block: nn.Module, stream: Stream, device, on_batch=None) -> list[t
     return outs
 
 
+@torch.no_grad()
+def advance(block: nn.Module, stream: Stream, device) -> None:
+    """Replace every batch of ``stream`` by the block's output, batch by batch, so each input is freed as its
+    output is made (the stream's memory does not double). The stream must not share its list."""
+    for k, hidden in enumerate(stream.batches):
+        kw = kwargs_for(stream.kwargs, tuple(hidden.shape[:2]))
+        stream.batches[k] = block_output(block, hidden.to(device), kw).to(hidden.device)
+        del hidden
+
+
 def check_finite(index: int, batches: list[torch.Tensor]) -> None:
     """Stop before anything is checkpointed when a block's outputs hold NaN/Inf."""
     for b in batches:
@@ -326,7 +336,7 @@ class SequentialPruner:
                               progress)
                 self._quantize_block(i, block, report)
                 for s in streams:
-                    s.batches = run_block(block, s, self.device)
+                    advance(block, s, self.device)
                 check_finite(i, rec.batches)
                 self._measure(report, rec, dense_rec, held, dense_held)
             if checkpoints is not None and not recon.cross_block:

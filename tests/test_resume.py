@@ -139,8 +139,8 @@ def test_interrupted_reconstruction_resumes_bit_identical(tmp_path, text_file, s
     import compressor.sequential as seq
 
     pruned = []
-    real_prune = seq.prune_weight
-    monkeypatch.setattr(seq, "prune_shared", lambda *a, **k: pruned.append(1) or real_prune(*a, **k))
+    real_prune = seq.prune_shared
+    monkeypatch.setattr(seq, "prune_shared", lambda *a, **k: pruned.extend(a[0]) or real_prune(*a, **k))
     resumed = go(tmp_path / "run")
     # blocks 0-1 are loaded; with CR block 2 comes back from its in-window state, so only block 3 is pruned
     assert len(pruned) == 7 * (1 if mode.endswith("cr") and not damage else 2)
