@@ -125,15 +125,18 @@ def capture_block_inputs(
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, stream: Stream, device, on_batch=None) -> list[torch.Tensor]:
-    """Outputs of ``block`` for every batch of ``stream`` (kept where the inputs live)."""
+def run_block(block: nn.Module, stream: Stream, device, on_batch=None, keep: bool = True) -> list[torch.Tensor]:
+    """Outputs of ``block`` for every batch of ``stream`` (kept where the inputs live; dropped with ``keep=False``,
+    for passes run only for their hooks)."""
     outs = []
     for hidden in stream.batches:
         kw = kwargs_for(stream.kwargs, tuple(hidden.shape[:2]))
         y = block_output(block, hidden.to(device), kw)
         if on_batch is not None:
             on_batch()
-        outs.append(y.to(hidden.device))
+        if keep:
+            outs.append(y.to(hidden.device))
+        del y
     return outs
 
 
@@ -442,18 +445,19 @@ class SequentialPruner:
             return
         if not self.pruning.sequential_within_block:
             with BlockStatistics(targets, gram=(kind == "gram")) as stats:
-                run_block(block, sparse, self.device, on_batch=stats.end_batch)
+                run_block(block, sparse, self.device, on_batch=stats.end_batch, keep=False)
             report.shared_inputs = stats.groups()
             self._prune_layers(i, targets, stats, report)
             return
         # discover the groups sharing an input on one batch, then prune them in forward order
         with BlockStatistics(targets, gram=False) as probe:
-            run_block(block, Stream(sparse.batches[:1], sparse.kwargs), self.device, on_batch=probe.end_batch)
+            run_block(block, Stream(sparse.batches[:1], sparse.kwargs), self.device, on_batch=probe.end_batch,
+                      keep=False)
         report.shared_inputs = probe.groups()
         for group in report.shared_inputs.values():
             members = {n: targets[n] for n in group}
             with BlockStatistics(members, gram=(kind == "gram")) as stats:
-                run_block(block, sparse, self.device, on_batch=stats.end_batch)
+                run_block(block, sparse, self.device, on_batch=stats.end_batch, keep=False)
             self._prune_layers(i, members, stats, report)
 
     def _prune_layers(self, i: int, layers: dict[str, nn.Module], stats: BlockStatistics | None,
