@@ -49,8 +49,7 @@ _SOLVE_ELEMENTS = 2**24
 
 
 _HALF_INTO_FP32: dict[str, bool] = {}
-_GRAM_CHUNK_ELEMENTS = 2**28
-"""Largest fp32 product (1 GiB) made at once when half-precision inputs are multiplied into the Gram matrix."""
+
 
 
 def _half_into_fp32(x: torch.Tensor) -> bool:
@@ -75,10 +74,7 @@ def gram_update(gram: torch.Tensor, x: torch.Tensor) -> int:
     """
     x = x.reshape(-1, x.shape[-1])
     if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cuda" and _half_into_fp32(x):
-        cols = x.shape[1]
-        step = max(1, min(cols, _GRAM_CHUNK_ELEMENTS // cols))  # the fp32 product is made in column slices
-        for c0 in range(0, cols, step):
-            gram[:, c0 : c0 + step].add_(torch.mm(x.t(), x[:, c0 : c0 + step], out_dtype=torch.float32))
+        gram.add_(torch.mm(x.t(), x, out_dtype=torch.float32))
     else:
         x = x.to(gram.dtype)
         gram.addmm_(x.t(), x)
