@@ -357,9 +357,10 @@ class SequentialPruner:
         bar.close()
         return reports
 
-    def _release(self, i: int, block: nn.Module, final: bool = True) -> None:
+    def _release(self, i: int, block: nn.Module) -> None:
+        """Block ``i`` is final: back to its home (and, without ``keep_masks``, its masks out of memory)."""
         self.homes.release(i, block)
-        if final and not self.keep_masks:
+        if not self.keep_masks:
             for name in self._block_masks(i, block):
                 del self.masks[f"{self.adapter.block_path}.{i}.{name}"]
 
