@@ -50,3 +50,15 @@ def test_magnitude_achieved_sparsity_equals_request(sparsity):
 
 def test_row_mask_zero_sparsity_keeps_all():
     assert row_mask(torch.rand(3, 5), 0.0).all()
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
+def test_nm_mask_equals_top_k_selection_and_keeps_n_under_ties(n, m):
+    scores = torch.randn(32, 8 * m, generator=torch.Generator().manual_seed(n + m))
+    groups = scores.reshape(32, -1, m)
+    ref = torch.ones_like(groups, dtype=torch.bool)
+    ref.scatter_(2, torch.topk(groups, m - n, dim=2, largest=False).indices, False)
+    assert torch.equal(nm_mask(scores, n, m), ref.reshape(scores.shape))
+    tied = torch.zeros(4, 2 * m)  # every score equal: still exactly n kept per group, the later ones
+    kept = nm_mask(tied, n, m).reshape(4, 2, m)
+    assert torch.all(kept.sum(-1) == n) and torch.all(kept[..., m - n:])

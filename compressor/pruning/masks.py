@@ -44,10 +44,12 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if cols % m:
         raise ValueError(f"N:M pattern {n}:{m} needs in_features divisible by {m}, got {cols}")
     groups = scores.float().reshape(rows, cols // m, m)
-    idx = torch.topk(groups, m - n, dim=2, largest=False).indices
-    mask = torch.ones(groups.shape, dtype=torch.bool, device=groups.device)
-    mask.scatter_(2, idx, False)
-    return mask.reshape(rows, cols)
+    # rank of each score within its group (ties: the lower index ranks lower): elementwise work over m x m
+    # pairs, no top-k kernel per group; the m - n lowest ranks are pruned
+    a, b = groups.unsqueeze(-1), groups.unsqueeze(-2)  # [.., i, 1] and [.., 1, j]
+    before = torch.ones(m, m, dtype=torch.bool, device=groups.device).tril(-1)  # j < i
+    rank = ((a > b) | ((a == b) & before)).sum(-1)
+    return (rank >= m - n).reshape(rows, cols)
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None) -> torch.Tensor:
