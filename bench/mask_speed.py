@@ -11,7 +11,6 @@ least any mask needs to move through memory. ``vs_floor`` is our time over the f
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import time
@@ -21,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compressor.io import atomic_write_json  # noqa: E402
+from compressor.io import write_bench_results  # noqa: E402
 from compressor.pruning.masks import magnitude_mask, wanda_mask  # noqa: E402
 
 SHAPES = {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)}
@@ -70,8 +69,7 @@ def main() -> None:
         records.append(rec)
     if args.out:
         machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        atomic_write_json(args.out, {"machine": machine, "date": datetime.date.today().isoformat(),
-                                     "command": "python " + " ".join(sys.argv), "records": records})
+        write_bench_results(args.out, machine, records)
 
 
 if __name__ == "__main__":

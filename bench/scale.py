@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import os
 import resource
@@ -40,7 +39,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compressor.config import PruningConfig, RuntimeConfig  # noqa: E402
-from compressor.io import atomic_write_json  # noqa: E402
+from compressor.io import write_bench_results  # noqa: E402
 from compressor.models.adapters import ModelAdapter  # noqa: E402
 from compressor.sequential import SequentialPruner  # noqa: E402
 from compressor.streaming import RandomHome  # noqa: E402
@@ -169,8 +168,7 @@ def main() -> None:
         records.append(rec)
     if args.out:
         machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        atomic_write_json(args.out, {"machine": machine, "date": datetime.date.today().isoformat(),
-                                     "command": "python " + " ".join(sys.argv), "records": records})
+        write_bench_results(args.out, machine, records)
 
 
 if __name__ == "__main__":

@@ -84,3 +84,12 @@ def atomic_write_dir(path: str | Path, fill: Callable[[Path], None]) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def write_bench_results(path: str | Path, machine: str, records: list[dict]) -> Path:
+    """A benchmark's results file in the anchors.md shape: machine, date, the command that ran, records."""
+    import datetime
+    import sys
+
+    return atomic_write_json(path, {"machine": machine, "date": datetime.date.today().isoformat(),
+                                    "command": "python " + " ".join(sys.argv), "records": records})
