@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compressor.io import write_bench_results  # noqa: E402
+from compressor.pipeline import machine_name  # noqa: E402
 from compressor.pruning.masks import magnitude_mask, wanda_mask  # noqa: E402
 
 SHAPES = {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)}
@@ -68,8 +69,7 @@ def main() -> None:
         print(json.dumps(rec), flush=True)
         records.append(rec)
     if args.out:
-        machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        write_bench_results(args.out, machine, records)
+        write_bench_results(args.out, machine_name(device), records)
 
 
 if __name__ == "__main__":

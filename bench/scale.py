@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compressor.config import PruningConfig, RuntimeConfig  # noqa: E402
 from compressor.io import write_bench_results  # noqa: E402
+from compressor.pipeline import machine_name  # noqa: E402
 from compressor.models.adapters import ModelAdapter  # noqa: E402
 from compressor.sequential import SequentialPruner  # noqa: E402
 from compressor.streaming import RandomHome  # noqa: E402
@@ -167,8 +168,7 @@ def main() -> None:
         print(json.dumps(rec), flush=True)
         records.append(rec)
     if args.out:
-        machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        write_bench_results(args.out, machine, records)
+        write_bench_results(args.out, machine_name(device), records)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ on the GPU:
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -131,6 +130,3 @@ class RandomHome(DiskHome):
             self.dropped.add(i)
             block.to("meta")
 
-
-def block_bytes(block: nn.Module) -> int:
-    return sum(math.prod(t.shape) * t.element_size() for t in block_tensors(block).values())

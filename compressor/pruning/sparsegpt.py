@@ -51,7 +51,6 @@ _SOLVE_ELEMENTS = 2**24
 _HALF_INTO_FP32: dict[str, bool] = {}
 
 
-
 def _half_into_fp32(x: torch.Tensor) -> bool:
     """Whether ``torch.mm`` here multiplies bf16/fp16 ``x`` into an fp32 output (CUDA, recent PyTorch)."""
     key = f"{x.device.type}:{x.dtype}"

@@ -159,7 +159,7 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
     if act_order:  # static groups from the weights as they enter, then the sweep in order of decreasing diag(H)
         for g, start in enumerate(range(0, cols, group_size)):
             sl = slice(start, min(start + group_size, cols))
-            scales[:, g], zeros[:, g] = group_grid(w[:, sl] * mask[:, sl], mask[:, sl], bits, clip)
+            scales[:, g], zeros[:, g] = group_grid(w[:, sl], mask[:, sl], bits, clip)
         order = torch.argsort(torch.diag(h), descending=True, stable=True)
     else:
         order = torch.arange(cols, device=w.device)
