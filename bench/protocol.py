@@ -91,6 +91,8 @@ def main() -> None:
     ap.add_argument("--owl-lambda", type=float, default=0.08)
     ap.add_argument("--no-clip", action="store_true", help="INT4: min-max group ranges instead of the clip search")
     ap.add_argument("--no-act-order", action="store_true", help="GPTQ: columns left to right (dynamic groups)")
+    ap.add_argument("--no-joint", action="store_true", help="GPTQ after SparseGPT with masks fixed, not in one sweep")
+    ap.add_argument("--prune-act-order", action="store_true", help="SparseGPT alone: columns by decreasing diag(H)")
     ap.add_argument("--normalize", default="none", help="hessian schedule: none, output or residual")
     args = ap.parse_args()
 
@@ -104,6 +106,7 @@ def main() -> None:
     for i, text in enumerate(args.settings):
         pruning, mode, allocator, quant = parse_setting(text)
         pruning.sequential_within_block = args.sequential_within_block
+        pruning.act_order = args.prune_act_order
         model.load_state_dict(dense_state)
         recon_sources = [calib_file] + ([GENERATED] if args.recon_generated else [])
         n_recon = args.recon_samples + args.recon_generated
@@ -126,7 +129,7 @@ def main() -> None:
                                     level_step=args.level_step, owl_lambda=args.owl_lambda,
                                     normalize=args.normalize),
             quantization=QuantizationConfig(method=quant, clip=not args.no_clip,
-                                            act_order=not args.no_act_order),
+                                            act_order=not args.no_act_order, joint=not args.no_joint),
         )
         t = time.perf_counter()
         report = compress(run, device, progress=False, model_and_tokenizer=(model, tokenizer))
@@ -134,6 +137,7 @@ def main() -> None:
         last = report["blocks"][-1]
         common = {"model": "smollm2-135m",
                   "sequential_within_block": args.sequential_within_block, "calib_batch_size": args.batch_size,
+                  "prune_act_order": args.prune_act_order,
                   "eval_windows": report["perplexity"]["windows"][eval_file][0]}
         if report["perplexity"]["dense"]:
             records.append({**common, "method": "dense", "pattern": "0", "reconstruction": "lr", "schedule": "uniform",
@@ -150,7 +154,7 @@ def main() -> None:
         if quant != "none":
             q = report["quantization"]
             extra.update(bits=q["bits"], quantizer=q["method"], group_size=q["group_size"], clip=not args.no_clip,
-                         act_order=(not args.no_act_order) if quant == "gptq" else None,
+                         act_order=(not args.no_act_order) if quant == "gptq" else None, joint=q["joint"],
                          bits_per_weight=q["bits_per_weight"]["total"], quant_output_error=q["output_error_total"])
         train = [t for b in report["blocks"] for t in b["training"]]
         records.append({

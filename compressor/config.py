@@ -81,6 +81,8 @@ class PruningConfig:
     """SparseGPT columns per lazy-update block."""
     percdamp: float = 0.01
     """SparseGPT damping as a fraction of mean(diag H)."""
+    act_order: bool = False
+    """SparseGPT (unstructured): sweep the columns by decreasing diag(H) instead of left to right."""
     skip: list[str] = field(default_factory=list)
     """Linear layers left dense, by name suffix within a block (e.g. 'mlp.down_proj')."""
     sequential_within_block: bool = False
@@ -97,6 +99,9 @@ class PruningConfig:
             raise ConfigError(f"pruning.blocksize={self.blocksize} must be a positive multiple of M for {self.pattern}")
         if not self.percdamp > 0:
             raise ConfigError(f"pruning.percdamp={self.percdamp} must be > 0")
+        if self.act_order and nm:
+            raise ConfigError(f"pruning.act_order=true needs unstructured pruning (N:M groups are contiguous inputs), "
+                              f"got pattern={self.pattern!r}")
 
     @property
     def nm(self) -> tuple[int, int] | None:

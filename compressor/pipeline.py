@@ -313,7 +313,7 @@ def quantization_summary(cfg: QuantizationConfig, pruner: SequentialPruner, bloc
             groups += pruner.quantized[f"{name}.scales"].numel()
     errors = {f"{b.index}.{n}": e for b in blocks for n, e in b.quant_error.items()}
     return {"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "clip": cfg.clip,
-            "act_order": cfg.act_order if cfg.method == "gptq" else None,
+            "act_order": cfg.act_order if cfg.method == "gptq" else None, "joint": pruner.joint,
             "bits_per_weight": bits_per_weight(numel, kept, groups, cfg.bits),
             "output_error_total": sum(errors.values()) if errors else None, "layer_output_error": errors}
 

@@ -24,7 +24,7 @@ from compressor.pruning.masks import achieved_sparsity
 from compressor.pruning.prune import needs_statistics, prune_shared
 from compressor.pruning.sparsegpt import output_error
 from compressor.pruning.statistics import BlockStatistics
-from compressor.quant.int4 import QuantizationConfig, quantize_gptq, quantize_rtn
+from compressor.quant.int4 import QuantizationConfig, quantize_gptq, quantize_rtn, sparsegpt_gptq_shared
 from compressor.reconstruction.fit import fit_window
 from compressor.reconstruction.module import ReconstructionConfig, window_masks
 from compressor.streaming import HostHome
@@ -236,7 +236,7 @@ class SequentialPruner:
         q = self.quant
         for name, module in self.adapter.linears(block).items():
             full = f"{self.adapter.block_path}.{i}.{name}"
-            if full not in self.masks:
+            if full not in self.masks or f"{full}.codes" in self.quantized:  # unpruned, or quantized when pruned
                 continue
             w, mask = weight_of(module).detach().float(), self.masks[full].to(self.device)
             if q.method == "gptq":
@@ -472,8 +472,11 @@ class SequentialPruner:
             fulls = [f"{self.adapter.block_path}.{i}.{n}" for n in names]
             weights = [weight_of(layers[n]) for n in names]
             hessian = stats.of(owner).take_hessian() if stats is not None and stats.gram else None
-            results = prune_shared(weights, stats.of(owner) if stats else None, self.pruning,
-                                   [self.sparsity_map.get(f) for f in fulls], hessian)
+            sparsities = [self.sparsity_map.get(f) for f in fulls]
+            if hessian is not None and self.joint:
+                self._prune_quantize({n: layers[n] for n in names}, fulls, hessian, sparsities, report)
+                continue
+            results = prune_shared(weights, stats.of(owner) if stats else None, self.pruning, sparsities, hessian)
             for name, full, w, (new_w, mask) in zip(names, fulls, weights, results):
                 if hessian is not None:
                     report.layer_error[name] = output_error(w, new_w, hessian)
@@ -482,3 +485,24 @@ class SequentialPruner:
                 set_weight(layers[name], new_w)
                 self.masks[full] = mask.cpu()
                 report.sparsity[name] = achieved_sparsity(mask)
+
+    @property
+    def joint(self) -> bool:
+        """Whether SparseGPT and GPTQ run as one sweep (quantization.joint; only when nothing changes the weights
+        between the two: no reconstruction)."""
+        q = self.quant
+        return q.method == "gptq" and q.joint and self.pruning.method == "sparsegpt" and not self.recon.enabled
+
+    def _prune_quantize(self, layers: dict[str, nn.Module], fulls: list[str], hessian: torch.Tensor,
+                        sparsities: list[float | None], report: BlockReport) -> None:
+        """Joint mode: prune and quantize layers reading one input in one sweep (compressor.quant.int4)."""
+        s = [self.pruning.sparsity if x is None else x for x in sparsities]
+        weights = [weight_of(m) for m in layers.values()]
+        results = sparsegpt_gptq_shared(weights, hessian, s, self.pruning.nm, self.quant)
+        for name, w, full, res in zip(layers, weights, fulls, results):
+            report.layer_error[name] = output_error(w, res.dequantized, hessian)
+            set_weight(layers[name], res.dequantized)
+            self.masks[full] = res.mask.cpu()
+            report.sparsity[name] = achieved_sparsity(res.mask)
+            for part in ("codes", "scales", "zeros"):
+                self.quantized[f"{full}.{part}"] = getattr(res, part).cpu()

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from compressor.config import CalibrationConfig, ConfigError, EvaluationConfig, OutputConfig, PruningConfig
 from compressor.pipeline import RunSettings, compress
 from compressor.pruning.sparsegpt import output_error, sparsegpt_prune
-from compressor.quant.int4 import QuantizationConfig, bits_per_weight, quantize_gptq, quantize_rtn
+from compressor.quant.int4 import QuantizationConfig, bits_per_weight, quantize_gptq, quantize_rtn, sparsegpt_gptq_shared
 from compressor.quant.pack import pack_layer, unpack_layer
 from conftest import tiny_llama
 
@@ -149,3 +149,52 @@ def test_groups_whose_kept_weights_share_one_sign_are_not_clipped():
 def test_blocksize_must_hold_whole_groups():
     with pytest.raises(ConfigError, match="blocksize=96 must be a multiple of group_size=64"):
         QuantizationConfig(blocksize=96, group_size=64)
+
+
+def dense_layer(rows=48, cols=256, seed=0):
+    w, _, h = pruned_layer(rows, cols, sparsity=0.0, seed=seed)
+    return w, h
+
+
+def test_joint_sweep_without_pruning_is_gptq():
+    # both take static grids from the weights as they enter (pruning nothing leaves them as they are)
+    w, h = dense_layer()
+    (joint,) = sparsegpt_gptq_shared([w], h, 0.0, None, QuantizationConfig(method="gptq", act_order=True))
+    alone = quantize_gptq(w, h, torch.ones_like(w, dtype=torch.bool), 4, 128, act_order=True, clip=True)
+    assert torch.equal(joint.codes, alone.codes) and torch.equal(joint.scales, alone.scales)
+    assert torch.equal(joint.dequantized, alone.dequantized)
+
+
+@pytest.mark.parametrize("pattern", [None, (2, 4)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_joint_sweep_prunes_to_the_target_on_the_grid(pattern, act_order):
+    w, h = dense_layer(seed=2)
+    cfg = QuantizationConfig(method="gptq", group_size=64, act_order=act_order)
+    # two weights stacked, each with its own sparsity (ignored under N:M)
+    (a, b) = sparsegpt_gptq_shared([w[:16], w[16:]], h, [0.5, 0.75], pattern, cfg)
+    for q, s in ((a, 0.5), (b, 0.75)):
+        assert torch.all(q.dequantized[~q.mask] == 0) and torch.all(q.codes[~q.mask] == 0)
+        if pattern:
+            assert torch.all(q.mask.reshape(q.mask.shape[0], -1, 4).sum(-1) == 2)
+        else:  # SparseGPT's count per block of 128 columns (act-order: of 128 columns taken in its order)
+            for start in range(0, w.shape[1], 128):
+                cols = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(256)
+                block = q.mask[:, cols[start:start + 128]]
+                assert (~block).sum() == round(q.mask.shape[0] * 128 * s)
+        cols = torch.arange(w.shape[1]) // 64
+        assert torch.equal((q.codes.float() - q.zeros[:, cols]) * q.scales[:, cols] * q.mask, q.dequantized)
+
+
+def test_joint_sweep_errs_less_than_quantizing_after_pruning():
+    # one sweep compensates pruning and rounding together; quantizing afterwards re-zeroes the pruned weights
+    # that the rounding updates touch (summed over layers, as single layers can go either way)
+    joint = after = 0.0
+    for seed in range(4):
+        w, h = dense_layer(seed=seed)
+        cfg = QuantizationConfig(method="gptq")
+        (j,) = sparsegpt_gptq_shared([w], h, 0.5, None, cfg)
+        pruned, mask = sparsegpt_prune(w, h, 0.5)
+        seq = quantize_gptq(pruned, h, mask, 4, 128, clip=True, act_order=True)
+        joint += output_error(w, j.dequantized, h)
+        after += output_error(w, seq.dequantized, h)
+    assert joint < after, (joint, after)

@@ -6,7 +6,7 @@ import torch
 
 from compressor.config import PruningConfig
 from compressor.pruning.masks import magnitude_mask, wanda_mask
-from compressor.pruning.sparsegpt import sparsegpt_prune, sparsegpt_prune_shared
+from compressor.pruning.sparsegpt import sparsegpt_prune_shared
 from compressor.pruning.statistics import InputStatistics
 
 
@@ -31,7 +31,7 @@ def prune_weight(
     if cfg.method == "wanda":
         mask = wanda_mask(w, stats.column_sq_norm, s, nm)
         return w * mask, mask
-    return sparsegpt_prune(w, stats.hessian, s, nm, cfg.blocksize, cfg.percdamp)
+    return sparsegpt_prune_shared([w], stats.hessian, s, nm, cfg.blocksize, cfg.percdamp, cfg.act_order)[0]
 
 
 def prune_shared(
@@ -46,4 +46,4 @@ def prune_shared(
     s = [cfg.sparsity if x is None else x for x in sparsities]
     ws = [w.detach().float() for w in weights]
     h = stats.hessian if hessian is None else hessian
-    return sparsegpt_prune_shared(ws, h, s, cfg.nm, cfg.blocksize, cfg.percdamp)
+    return sparsegpt_prune_shared(ws, h, s, cfg.nm, cfg.blocksize, cfg.percdamp, cfg.act_order)

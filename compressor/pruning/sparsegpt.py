@@ -196,14 +196,25 @@ def sparsegpt_prune_shared(
     nm: tuple[int, int] | None = None,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    act_order: bool = False,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Prune weights ``[rows_i, cols]`` that read the same inputs (q/k/v, gate/up) with one factorization.
 
     The weights are stacked row-wise and pruned in one pass (fewer, larger kernels); masks are
     chosen per weight, so each result equals ``sparsegpt_prune(weights[i], hessian, ...)`` up to
-    round-off. ``sparsity``: one for all, or one per weight. Returns ``[(new_weight, keep_mask)]`` in
-    the order of ``weights``; other arguments as in :func:`sparsegpt_prune`.
+    round-off. ``sparsity``: one for all, or one per weight. ``act_order`` (unstructured only): the
+    sweep takes the columns by decreasing diag(H), so the inputs with the most energy are decided
+    first, while the most columns are left to absorb their error. Returns ``[(new_weight, keep_mask)]``
+    in the order of ``weights``; other arguments as in :func:`sparsegpt_prune`.
     """
+    if act_order:
+        if nm:
+            raise ValueError("act_order needs unstructured pruning: N:M groups are contiguous inputs")
+        order = torch.argsort(torch.diag(hessian), descending=True, stable=True).to(weights[0].device)
+        back = torch.argsort(order)
+        h = hessian.to(order.device)[order][:, order]
+        done = sparsegpt_prune_shared([x[:, order] for x in weights], h, sparsity, None, blocksize, percdamp)
+        return [(w[:, back], m[:, back]) for w, m in done]
     cols = hessian.shape[0]
     if any(x.dim() != 2 or x.shape[1] != cols for x in weights):
         shapes = [tuple(x.shape) for x in weights]

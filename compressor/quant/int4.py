@@ -15,16 +15,24 @@ With ``act_order`` the sweep visits the columns by decreasing diag(H) (the input
 energy first, while the most columns are left to absorb their error), and every group's grid is
 fixed beforehand from the weights as they enter (static groups): the groups stay contiguous
 column ranges in the stored layout, so nothing else (packing, loading) changes.
+
+Joint mode (``sparsegpt_gptq_shared``) prunes and quantizes in the same sweep, as the SparseGPT paper
+proposes for combining the two: the masks are chosen as the sweep reaches each block, so every kept
+column absorbs pruning and rounding errors together and no compensation lands on a weight that is
+pruned later without being accounted for.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
 from compressor.config import ConfigError
-from compressor.pruning.sparsegpt import inverse_hessian_factor
+from compressor.pruning.masks import nm_mask, smallest_mask
+from compressor.pruning.sparsegpt import inverse_hessian_factor, sparsegpt_prune_shared
 
 METHODS = ("none", "rtn", "gptq")
 
@@ -46,6 +54,9 @@ class QuantizationConfig:
     """Choose each group's range by a small search over shrink factors (least rounding error) instead of min-max."""
     act_order: bool = True
     """GPTQ: quantize columns by decreasing Hessian diagonal, with each group's grid fixed before the sweep."""
+    joint: bool = True
+    """GPTQ after SparseGPT without reconstruction: prune and quantize in one sweep (masks chosen as the sweep
+    goes, every error compensated once). False: quantize the pruned weights afterwards with the masks fixed."""
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -133,63 +144,130 @@ def quantize_rtn(weight: torch.Tensor, mask: torch.Tensor, bits: int = 4, group_
                  clip: bool = False) -> Quantized:
     """Round every kept weight of ``weight`` ``[rows, cols]`` to its group's grid."""
     w = weight.detach().float()
-    rows, cols = w.shape
-    codes, scales, zeros = _grid_shapes(rows, cols, group_size, w.device)
-    deq = torch.zeros_like(w)
-    for g, start in enumerate(range(0, cols, group_size)):
-        sl = slice(start, min(start + group_size, cols))
-        scale, zero = group_grid(w[:, sl], mask[:, sl], bits, clip)
-        q = quantize_column(w[:, sl], scale.unsqueeze(1), zero.unsqueeze(1), bits) * mask[:, sl]
-        codes[:, sl], scales[:, g], zeros[:, g] = q.to(torch.uint8), scale, zero
-        deq[:, sl] = (q - zero.unsqueeze(1)) * scale.unsqueeze(1) * mask[:, sl]
-    return Quantized(codes, scales, zeros, deq)
+    scales, zeros = static_grids(w, mask, bits, group_size, clip)
+    cols = torch.arange(w.shape[1], device=w.device) // group_size
+    scale, zero = scales[:, cols], zeros[:, cols]
+    codes = quantize_column(w, scale, zero, bits) * mask
+    return Quantized(codes.to(torch.uint8), scales, zeros, (codes - zero) * scale * mask)
+
+
+def static_grids(w: torch.Tensor, mask: torch.Tensor, bits: int, group_size: int,
+                 clip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points ``[rows, groups]`` of every group of ``w`` from its kept weights."""
+    _, scales, zeros = _grid_shapes(*w.shape, group_size, w.device)
+    for g, start in enumerate(range(0, w.shape[1], group_size)):
+        sl = slice(start, min(start + group_size, w.shape[1]))
+        scales[:, g], zeros[:, g] = group_grid(w[:, sl], mask[:, sl], bits, clip)
+    return scales, zeros
 
 
 def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, bits: int = 4,
                   group_size: int = 128, percdamp: float = 0.01, blocksize: int = 128, clip: bool = False,
                   act_order: bool = False) -> Quantized:
     """GPTQ-style quantization of the kept weights; ``hessian`` ``[cols, cols]`` of the layer's inputs."""
-    w = weight.detach().float().clone()
-    rows, cols = w.shape
-    h = hessian.to(w.device).float()
-    dead = torch.diag(h) == 0
-    mask = mask.to(w.device) & ~dead.unsqueeze(0)
-    codes, scales, zeros = _grid_shapes(rows, cols, group_size, w.device)
-    group_of = torch.arange(cols, device=w.device) // group_size
+    w = weight.detach().float()
+    mask = mask.to(w.device) & (torch.diag(hessian) != 0).to(w.device).unsqueeze(0)
+    order, grids = None, None
     if act_order:  # static groups from the weights as they enter, then the sweep in order of decreasing diag(H)
-        for g, start in enumerate(range(0, cols, group_size)):
-            sl = slice(start, min(start + group_size, cols))
-            scales[:, g], zeros[:, g] = group_grid(w[:, sl], mask[:, sl], bits, clip)
+        order = torch.argsort(torch.diag(hessian), descending=True, stable=True).to(w.device)
+        grids = static_grids(w, mask, bits, group_size, clip)
+    return _gptq(w, hessian, mask, bits, group_size, percdamp, blocksize, clip, order, grids)
+
+
+def sparsegpt_gptq_shared(weights: Sequence[torch.Tensor], hessian: torch.Tensor, sparsity: float | Sequence[float],
+                          nm: tuple[int, int] | None, cfg: QuantizationConfig) -> list[Quantized]:
+    """Prune and quantize weights ``[rows_i, cols]`` reading one input in a single GPTQ sweep (joint mode).
+
+    The grids are fixed first, from the kept weights of a SparseGPT pass in the sweep's column order (the
+    values pruning leaves, which the sweep's own pruning updates move the weights towards; grids from the
+    weights as they enter clip those values). Then each block of ``cfg.blocksize`` columns gets its keep-mask
+    when the sweep reaches it, by SparseGPT's criterion w^2 / U_qq^2 on the values as updated so far (per
+    weight, ``sparsity`` each; N:M: per group of M columns when the sweep reaches the group); every column is
+    rounded to its grid (0 where pruned) and its whole error, pruning and rounding together, goes to the
+    columns to its right. With ``act_order`` the columns go by decreasing diag(H); N:M groups are contiguous
+    inputs, so N:M sweeps left to right. Returns one ``Quantized`` per weight (``mask``: the chosen keep-mask).
+    """
+    sizes = [x.shape[0] for x in weights]
+    ends = list(accumulate(sizes))
+    sparsities = [float(sparsity)] * len(weights) if isinstance(sparsity, (int, float)) else list(sparsity)
+    if len(sparsities) != len(weights):
+        raise ValueError(f"{len(sparsities)} sparsities given for {len(weights)} weights")
+    segments = list(zip([0, *ends[:-1]], ends, sparsities))
+
+    def choose(scores: torch.Tensor) -> torch.Tensor:
+        if nm is not None:
+            return nm_mask(scores, *nm)
+        return torch.cat([smallest_mask(scores[r0:r1], s) for r0, r1, s in segments])
+
+    w = torch.cat([x.detach().float() for x in weights])
+    h = hessian.to(w.device)
+    order = torch.arange(w.shape[1], device=w.device)
+    if cfg.act_order and nm is None:
         order = torch.argsort(torch.diag(h), descending=True, stable=True)
-    else:
-        order = torch.arange(cols, device=w.device)
-    upper, _, _ = inverse_hessian_factor(h[order][:, order], percdamp)
-    w, keep_p, groups_p = w[:, order], mask[:, order], group_of[order]
-    keep = keep_p.float()
+    pruned = sparsegpt_prune_shared(list(w.split(sizes)), h, sparsities, nm, cfg.blocksize, cfg.percdamp,
+                                    act_order=nm is None and cfg.act_order)
+    grid_w, grid_mask = torch.cat([x for x, _ in pruned]), torch.cat([m for _, m in pruned])
+    del pruned
+    grids = static_grids(grid_w, grid_mask, cfg.bits, cfg.group_size, cfg.clip)
+    del grid_w, grid_mask
+    keep = (torch.diag(h) != 0).unsqueeze(0).expand_as(w).clone()
+    res = _gptq(w, h, keep, cfg.bits, cfg.group_size, cfg.percdamp, cfg.blocksize, cfg.clip, order, grids,
+                (choose, nm))
+    parts = zip(res.codes.split(sizes), res.scales.split(sizes), res.zeros.split(sizes), res.dequantized.split(sizes),
+                res.mask.split(sizes))
+    return [Quantized(*p) for p in parts]
+
+
+def _gptq(w: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, bits: int, group_size: int, percdamp: float,
+          blocksize: int, clip: bool, order: torch.Tensor | None = None, grids=None, prune=None) -> Quantized:
+    """The GPTQ sweep over the columns of ``w`` (fp32) in ``order`` (default: left to right).
+
+    ``grids``: ``(scales, zeros)`` fixed beforehand; without, a group's grid is taken when the sweep reaches its
+    first column (left to right only), from the weights as updated so far. ``prune``: None (``mask`` fixed) or
+    ``(choose, nm)``: the keep-mask of each block (N:M: of each group of M columns) becomes ``mask & choose(scores)``
+    when the sweep reaches it."""
+    rows, cols = w.shape
+    if blocksize % group_size:
+        raise ValueError(f"blocksize {blocksize} must be a multiple of group_size {group_size}")
+    choose, nm = prune if prune is not None else (None, None)
+    order = torch.arange(cols, device=w.device) if order is None else order
+    h = hessian.to(w.device).float()[order][:, order]
+    upper, dead, _ = inverse_hessian_factor(h, percdamp)
+    del h
+    codes, scales, zeros = _grid_shapes(rows, cols, group_size, w.device)
+    if grids is not None:
+        scales[:], zeros[:] = grids
+    w, keep_p = w[:, order], mask[:, order] & ~dead.unsqueeze(0)  # fresh tensors in sweep order
+    w.masked_fill_(dead, 0.0)
+    groups_p = (torch.arange(cols, device=w.device) // group_size)[order]
+    diag_sq = torch.diag(upper).square()
     q_all = torch.zeros_like(w)
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
         w_blk = w[:, start:end].clone()
         u_blk = upper[start:end, start:end]
+        if choose is not None and nm is None:
+            keep_p[:, start:end] &= choose(w_blk.square() / diag_sq[start:end])
         err_blk = torch.zeros_like(w_blk)
         for j in range(end - start):
             c = start + j
+            if choose is not None and nm is not None and c % nm[1] == 0:
+                keep_p[:, c : c + nm[1]] &= choose(w_blk[:, j : j + nm[1]].square() / diag_sq[c : c + nm[1]])
             g = int(groups_p[c])
-            if not act_order and c % group_size == 0:  # a new group: its grid from the weights as updated so far
+            if grids is None and c % group_size == 0:  # a new group: its grid from the weights as updated so far
                 g_end = min(c + group_size, cols)
-                if g_end > end:
-                    raise ValueError(f"blocksize {blocksize} must be a multiple of group_size {group_size}")
                 scales[:, g], zeros[:, g] = group_grid(w_blk[:, j : j + g_end - c], keep_p[:, c:g_end], bits, clip)
             scale, zero = scales[:, g], zeros[:, g]
-            q = quantize_column(w_blk[:, j], scale, zero, bits) * keep[:, c]
+            kept = keep_p[:, c].float()
+            q = quantize_column(w_blk[:, j], scale, zero, bits) * kept
             q_all[:, c] = q
-            deq = (q - zero) * scale * keep[:, c]
+            deq = (q - zero) * scale * kept
             err = (w_blk[:, j] - deq) / u_blk[j, j]
             w_blk[:, j:] -= err.unsqueeze(1) * u_blk[j, j:].unsqueeze(0)
             err_blk[:, j] = err
         w[:, end:] -= err_blk @ upper[start:end, end:]
-    inverse = torch.argsort(order)
-    q_all = q_all[:, inverse]
+    back = torch.argsort(order)
+    q_all, mask = q_all[:, back], keep_p[:, back]
     codes.copy_(q_all.to(torch.uint8))
     deq = (q_all - zeros.repeat_interleave(group_size, 1)[:, :cols]) * scales.repeat_interleave(group_size, 1)[:, :cols]
     return Quantized(codes, scales, zeros, deq * mask, mask)
