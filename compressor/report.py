@@ -54,7 +54,8 @@ def summary_table(report: dict):
     quant = report.get("quantization")
     if quant:
         bpw = quant["bits_per_weight"]
-        table.add_row(f"weights: {quant['method']} INT{quant['bits']} g{quant['group_size']}", "32",
+        how = " (one sweep with pruning)" if quant.get("joint") else ""
+        table.add_row(f"weights: {quant['method']} INT{quant['bits']} g{quant['group_size']}{how}", "32",
                       f"{bpw['total']:.3f} bits/weight (values {bpw['values']:.2f} + mask {bpw['mask']:.2f} "
                       f"+ scales {bpw['scales']:.3f})")
     t = report["timings"]

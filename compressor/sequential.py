@@ -491,14 +491,15 @@ class SequentialPruner:
         """Whether SparseGPT and GPTQ run as one sweep (quantization.joint; only when nothing changes the weights
         between the two: no reconstruction)."""
         q = self.quant
-        return q.method == "gptq" and q.joint and self.pruning.method == "sparsegpt" and not self.recon.enabled
+        return (q.method == "gptq" and q.joint and self.pruning.method == "sparsegpt" and self.pruning.nm is None
+                and not self.recon.enabled)
 
     def _prune_quantize(self, layers: dict[str, nn.Module], fulls: list[str], hessian: torch.Tensor,
                         sparsities: list[float | None], report: BlockReport) -> None:
         """Joint mode: prune and quantize layers reading one input in one sweep (compressor.quant.int4)."""
         s = [self.pruning.sparsity if x is None else x for x in sparsities]
         weights = [weight_of(m) for m in layers.values()]
-        results = sparsegpt_gptq_shared(weights, hessian, s, self.pruning.nm, self.quant)
+        results = sparsegpt_gptq_shared(weights, hessian, s, self.quant)
         for name, w, full, res in zip(layers, weights, fulls, results):
             report.layer_error[name] = output_error(w, res.dequantized, hessian)
             set_weight(layers[name], res.dequantized)

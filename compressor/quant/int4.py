@@ -16,10 +16,10 @@ energy first, while the most columns are left to absorb their error), and every 
 fixed beforehand from the weights as they enter (static groups): the groups stay contiguous
 column ranges in the stored layout, so nothing else (packing, loading) changes.
 
-Joint mode (``sparsegpt_gptq_shared``) prunes and quantizes in the same sweep, as the SparseGPT paper
-proposes for combining the two: the masks are chosen as the sweep reaches each block, so every kept
-column absorbs pruning and rounding errors together and no compensation lands on a weight that is
-pruned later without being accounted for.
+Joint mode (``sparsegpt_gptq_shared``, unstructured) prunes and quantizes in the same sweep, as the
+SparseGPT paper proposes for combining the two: a block's mask is chosen on values that already carry
+the rounding errors of the columns before it, and each column's pruning and rounding errors are
+compensated together, once. Its grids are fixed first from a SparseGPT pass (the values pruning leaves).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from itertools import accumulate
 import torch
 
 from compressor.config import ConfigError
-from compressor.pruning.masks import nm_mask, smallest_mask
+from compressor.pruning.masks import smallest_mask
 from compressor.pruning.sparsegpt import inverse_hessian_factor, sparsegpt_prune_shared
 
 METHODS = ("none", "rtn", "gptq")
@@ -55,8 +55,9 @@ class QuantizationConfig:
     act_order: bool = True
     """GPTQ: quantize columns by decreasing Hessian diagonal, with each group's grid fixed before the sweep."""
     joint: bool = True
-    """GPTQ after SparseGPT without reconstruction: prune and quantize in one sweep (masks chosen as the sweep
-    goes, every error compensated once). False: quantize the pruned weights afterwards with the masks fixed."""
+    """GPTQ with unstructured SparseGPT and no reconstruction: prune and quantize in one sweep, in the column order
+    act_order gives (pruning.act_order does not apply then). False, or N:M, or reconstruction: quantize the pruned
+    (reconstructed) weights afterwards with the masks fixed."""
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -175,17 +176,18 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
 
 
 def sparsegpt_gptq_shared(weights: Sequence[torch.Tensor], hessian: torch.Tensor, sparsity: float | Sequence[float],
-                          nm: tuple[int, int] | None, cfg: QuantizationConfig) -> list[Quantized]:
+                          cfg: QuantizationConfig) -> list[Quantized]:
     """Prune and quantize weights ``[rows_i, cols]`` reading one input in a single GPTQ sweep (joint mode).
 
     The grids are fixed first, from the kept weights of a SparseGPT pass in the sweep's column order (the
     values pruning leaves, which the sweep's own pruning updates move the weights towards; grids from the
     weights as they enter clip those values). Then each block of ``cfg.blocksize`` columns gets its keep-mask
     when the sweep reaches it, by SparseGPT's criterion w^2 / U_qq^2 on the values as updated so far (per
-    weight, ``sparsity`` each; N:M: per group of M columns when the sweep reaches the group); every column is
-    rounded to its grid (0 where pruned) and its whole error, pruning and rounding together, goes to the
-    columns to its right. With ``act_order`` the columns go by decreasing diag(H); N:M groups are contiguous
-    inputs, so N:M sweeps left to right. Returns one ``Quantized`` per weight (``mask``: the chosen keep-mask).
+    weight, ``sparsity`` each); every column is rounded to its grid (0 where pruned) and its whole error,
+    pruning and rounding together, goes to the columns to its right. With ``cfg.act_order`` the columns go by
+    decreasing diag(H). Unstructured only: an N:M group is a run of contiguous inputs, which an act-order sweep
+    does not visit together, and left to right it measured worse than GPTQ after pruning (bench/results/
+    protocol_schedule.json). Returns one ``Quantized`` per weight (``mask``: the chosen keep-mask).
     """
     sizes = [x.shape[0] for x in weights]
     ends = list(accumulate(sizes))
@@ -195,41 +197,35 @@ def sparsegpt_gptq_shared(weights: Sequence[torch.Tensor], hessian: torch.Tensor
     segments = list(zip([0, *ends[:-1]], ends, sparsities))
 
     def choose(scores: torch.Tensor) -> torch.Tensor:
-        if nm is not None:
-            return nm_mask(scores, *nm)
         return torch.cat([smallest_mask(scores[r0:r1], s) for r0, r1, s in segments])
 
     w = torch.cat([x.detach().float() for x in weights])
     h = hessian.to(w.device)
-    order = torch.arange(w.shape[1], device=w.device)
-    if cfg.act_order and nm is None:
-        order = torch.argsort(torch.diag(h), descending=True, stable=True)
-    pruned = sparsegpt_prune_shared(list(w.split(sizes)), h, sparsities, nm, cfg.blocksize, cfg.percdamp,
-                                    act_order=nm is None and cfg.act_order)
+    order = torch.argsort(torch.diag(h), descending=True, stable=True) if cfg.act_order else None
+    pruned = sparsegpt_prune_shared(list(w.split(sizes)), h, sparsities, None, cfg.blocksize, cfg.percdamp,
+                                    act_order=cfg.act_order)
     grid_w, grid_mask = torch.cat([x for x, _ in pruned]), torch.cat([m for _, m in pruned])
     del pruned
     grids = static_grids(grid_w, grid_mask, cfg.bits, cfg.group_size, cfg.clip)
     del grid_w, grid_mask
     keep = (torch.diag(h) != 0).unsqueeze(0).expand_as(w).clone()
-    res = _gptq(w, h, keep, cfg.bits, cfg.group_size, cfg.percdamp, cfg.blocksize, cfg.clip, order, grids,
-                (choose, nm))
+    res = _gptq(w, h, keep, cfg.bits, cfg.group_size, cfg.percdamp, cfg.blocksize, cfg.clip, order, grids, choose)
     parts = zip(res.codes.split(sizes), res.scales.split(sizes), res.zeros.split(sizes), res.dequantized.split(sizes),
                 res.mask.split(sizes))
     return [Quantized(*p) for p in parts]
 
 
 def _gptq(w: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, bits: int, group_size: int, percdamp: float,
-          blocksize: int, clip: bool, order: torch.Tensor | None = None, grids=None, prune=None) -> Quantized:
+          blocksize: int, clip: bool, order: torch.Tensor | None = None, grids=None, choose=None) -> Quantized:
     """The GPTQ sweep over the columns of ``w`` (fp32) in ``order`` (default: left to right).
 
     ``grids``: ``(scales, zeros)`` fixed beforehand; without, a group's grid is taken when the sweep reaches its
-    first column (left to right only), from the weights as updated so far. ``prune``: None (``mask`` fixed) or
-    ``(choose, nm)``: the keep-mask of each block (N:M: of each group of M columns) becomes ``mask & choose(scores)``
+    first column (left to right only), from the weights as updated so far. ``choose``: None (``mask`` fixed) or
+    a function of SparseGPT's scores ``[rows, block]``: the block's keep-mask becomes ``mask & choose(scores)``
     when the sweep reaches it."""
     rows, cols = w.shape
     if blocksize % group_size:
         raise ValueError(f"blocksize {blocksize} must be a multiple of group_size {group_size}")
-    choose, nm = prune if prune is not None else (None, None)
     order = torch.arange(cols, device=w.device) if order is None else order
     h = hessian.to(w.device).float()[order][:, order]
     upper, dead, _ = inverse_hessian_factor(h, percdamp)
@@ -246,13 +242,11 @@ def _gptq(w: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, bits: int,
         end = min(start + blocksize, cols)
         w_blk = w[:, start:end].clone()
         u_blk = upper[start:end, start:end]
-        if choose is not None and nm is None:
+        if choose is not None:
             keep_p[:, start:end] &= choose(w_blk.square() / diag_sq[start:end])
         err_blk = torch.zeros_like(w_blk)
         for j in range(end - start):
             c = start + j
-            if choose is not None and nm is not None and c % nm[1] == 0:
-                keep_p[:, c : c + nm[1]] &= choose(w_blk[:, j : j + nm[1]].square() / diag_sq[c : c + nm[1]])
             g = int(groups_p[c])
             if grids is None and c % group_size == 0:  # a new group: its grid from the weights as updated so far
                 g_end = min(c + group_size, cols)
