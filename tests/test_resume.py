@@ -99,7 +99,8 @@ def test_non_finite_activations_stop_before_checkpointing():
 
 
 @pytest.mark.parametrize("mode,quant,damage", [("br+gp+cr", "none", False), ("br+gp+cr", "gptq", False),
-                                             ("br+gp", "gptq", False), ("br+gp+cr", "none", True)])
+                                             ("br+gp", "gptq", False), ("br+gp+cr", "none", True),
+                                             ("lr", "gptq", False)])
 def test_interrupted_reconstruction_resumes_bit_identical(tmp_path, text_file, smollm2_tokenizer, monkeypatch, mode,
                                                           quant, damage):
     """Stop after the second block checkpoint (cross-block windows save the next block's in-window state beside
@@ -139,8 +140,9 @@ def test_interrupted_reconstruction_resumes_bit_identical(tmp_path, text_file, s
     import compressor.sequential as seq
 
     pruned = []
-    real_prune = seq.prune_shared
+    real_prune, real_joint = seq.prune_shared, seq.sparsegpt_gptq_shared  # without reconstruction GPTQ prunes too
     monkeypatch.setattr(seq, "prune_shared", lambda *a, **k: pruned.extend(a[0]) or real_prune(*a, **k))
+    monkeypatch.setattr(seq, "sparsegpt_gptq_shared", lambda *a, **k: pruned.extend(a[0]) or real_joint(*a, **k))
     resumed = go(tmp_path / "run")
     # blocks 0-1 are loaded; with CR block 2 comes back from its in-window state, so only block 3 is pruned
     assert len(pruned) == 7 * (1 if mode.endswith("cr") and not damage else 2)
