@@ -82,13 +82,25 @@ def preflight(settings: RunSettings):
     return config
 
 
-def check_disk_space(model, output: OutputConfig, out: Path) -> int:
-    """Refuse to start when the output folder's disk cannot hold model, masks and block checkpoints."""
+def check_disk_space(model, output: OutputConfig, out: Path, cross_block: bool = False,
+                     hessians: bool = False) -> int:
+    """Refuse to start when the output folder's disk cannot hold model, masks and block checkpoints.
+
+    ``cross_block``: checkpoints also keep the in-window state of the newest two blocks (weights, masks and,
+    with ``hessians``, fp32 Hessians of the layers' inputs, counted once per layer: an upper bound)."""
+    adapter = ModelAdapter(model)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    linear = sum(weight_of(m).numel() for _, m in ModelAdapter(model).iter_linears())
+    linear = sum(weight_of(m).numel() for _, m in adapter.iter_linears())
     need = (weights if output.save_model else 0) + (linear if output.save_masks else 0)
     if output.checkpoint:
         need += weights + linear  # block checkpoints hold the blocks' weights and masks again
+        if cross_block:
+            def pending(block) -> int:
+                layers = [weight_of(m) for m in adapter.linears(block).values()]
+                return (sum(p.numel() * p.element_size() for p in block.parameters()) + sum(w.numel() for w in layers)
+                        + (sum(4 * w.shape[1] ** 2 for w in layers) if hessians else 0))
+
+            need += 2 * max(pending(b) for b in adapter.blocks)
     free = shutil.disk_usage(out).free
     if need > free:
         raise ConfigError(f"output.dir={str(out)!r} has {free / 1e9:.2f} GB free; the outputs need about "
@@ -163,7 +175,8 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
         model, tokenizer = model_and_tokenizer or load_model(settings.model)
         adapter = ModelAdapter(model)
         timings["load"] = time.perf_counter() - t
-        check_disk_space(model, settings.output, out)
+        check_disk_space(model, settings.output, out, settings.reconstruction.cross_block,
+                         settings.quantization.method == "gptq")
 
         t = time.perf_counter()
         gen_device = device
