@@ -39,6 +39,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compressor.config import PruningConfig, RuntimeConfig  # noqa: E402
+from compressor.quant.int4 import METHODS as QUANT_METHODS  # noqa: E402
+from compressor.quant.int4 import QuantizationConfig  # noqa: E402
 from compressor.io import write_bench_results  # noqa: E402
 from compressor.pipeline import machine_name  # noqa: E402
 from compressor.models.adapters import ModelAdapter  # noqa: E402
@@ -107,7 +109,8 @@ def run_shape(shape: str, args, device: torch.device, workdir: Path) -> dict:
     home = RandomHome(folder, keep_files=args.keep_files)
     pruning = PruningConfig(method="sparsegpt", sparsity=args.sparsity)
     runtime = RuntimeConfig(batch_size=args.batch_size, track_error=False)
-    pruner = SequentialPruner(model, pruning, runtime, device, homes=home, keep_masks=False)
+    quant = QuantizationConfig(method=args.quant, joint=args.joint)
+    pruner = SequentialPruner(model, pruning, runtime, device, homes=home, keep_masks=False, quantization=quant)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -124,6 +127,8 @@ def run_shape(shape: str, args, device: torch.device, workdir: Path) -> dict:
     written = sum(f.stat().st_size for f in folder.glob("*.safetensors")) if folder.exists() else 0
     rec = {
         "model": f"{shape}-shape", "what": "lr-sparsegpt-model", "pattern": f"{args.sparsity:g}",
+        "quantizer": None if args.quant == "none" else args.quant,
+        "joint": pruner.joint if args.quant == "gptq" else None,
         "blocks": total_blocks, "blocks_run": n, "tokens": f"{args.samples} x {args.seqlen}",
         "batch_size": args.batch_size, "dtype": "bfloat16", "activations": "gpu" if device.type == "cuda" else "cpu",
         "seconds": round(seconds, 2), "capture_seconds": round(capture, 2),
@@ -152,6 +157,9 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--batch-size", type=int, default=8, help="calibration windows per block forward")
+    ap.add_argument("--quant", default="none", choices=QUANT_METHODS, help="INT4 g128 weights after or with pruning")
+    ap.add_argument("--no-joint", dest="joint", action="store_false",
+                    help="GPTQ after SparseGPT with masks fixed, not in one sweep")
     ap.add_argument("--no-keep-files", dest="keep_files", action="store_false",
                     help="free each pruned block without writing it (disks smaller than the model)")
     ap.add_argument("--cleanup", action="store_true", help="delete the written blocks at the end")

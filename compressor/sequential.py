@@ -207,8 +207,9 @@ class SequentialPruner:
         self.homes = homes or HostHome()
         """Where blocks live between their turns (compressor.streaming): host memory unless told otherwise."""
         self.keep_masks = keep_masks
-        """False: a finished block's masks are dropped from ``masks`` (its zeros record them), so host memory
-        does not grow with the model; cross-block windows need them, so they keep them."""
+        """False: a finished block's masks and quantized codes are dropped from ``masks`` and ``quantized`` (its
+        zeros and its home's copy record them), so host memory does not grow with the model; cross-block
+        windows need the masks, so they keep them."""
         if not keep_masks and self.recon.cross_block:
             raise ValueError("keep_masks=False is for runs without cross-block windows")
         self.masks: dict[str, torch.Tensor] = {}
@@ -361,8 +362,9 @@ class SequentialPruner:
         """Block ``i`` is final: back to its home (and, without ``keep_masks``, its masks out of memory)."""
         self.homes.release(i, block)
         if not self.keep_masks:
-            for name in self._block_masks(i, block):
-                del self.masks[f"{self.adapter.block_path}.{i}.{name}"]
+            for source in (self.masks, self.quantized):
+                for name in self._block_masks(i, block, source):
+                    del source[f"{self.adapter.block_path}.{i}.{name}"]
 
     def _measure(self, report: BlockReport, rec, dense_rec, held, dense_held) -> None:
         if dense_rec is None:

@@ -235,35 +235,35 @@ def _gptq(w: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, bits: int,
         scales[:], zeros[:] = grids
     w, keep_p = w[:, order], mask[:, order] & ~dead.unsqueeze(0)  # fresh tensors in sweep order
     w.masked_fill_(dead, 0.0)
-    groups_p = (torch.arange(cols, device=w.device) // group_size)[order]
+    group_of = ((torch.arange(cols, device=w.device) // group_size)[order]).tolist()  # host ints: no sync per column
     diag_sq = torch.diag(upper).square()
-    q_all = torch.zeros_like(w)
+    maxq = 2**bits - 1
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
         w_blk = w[:, start:end].clone()
         u_blk = upper[start:end, start:end]
         if choose is not None:
             keep_p[:, start:end] &= choose(w_blk.square() / diag_sq[start:end])
-        err_blk = torch.zeros_like(w_blk)
+        kept_blk = keep_p[:, start:end].float()
+        err_t = torch.empty(end - start, rows, device=w.device)  # errors by column, each row contiguous
         for j in range(end - start):
             c = start + j
-            g = int(groups_p[c])
+            g = group_of[c]
             if grids is None and c % group_size == 0:  # a new group: its grid from the weights as updated so far
                 g_end = min(c + group_size, cols)
                 scales[:, g], zeros[:, g] = group_grid(w_blk[:, j : j + g_end - c], keep_p[:, c:g_end], bits, clip)
-            scale, zero = scales[:, g], zeros[:, g]
-            kept = keep_p[:, c].float()
-            q = quantize_column(w_blk[:, j], scale, zero, bits) * kept
-            q_all[:, c] = q
-            deq = (q - zero) * scale * kept
-            err = (w_blk[:, j] - deq) / u_blk[j, j]
-            w_blk[:, j:] -= err.unsqueeze(1) * u_blk[j, j:].unsqueeze(0)
-            err_blk[:, j] = err
-        w[:, end:] -= err_blk @ upper[start:end, end:]
+            scale, zero, col = scales[:, g], zeros[:, g], w_blk[:, j]
+            q = torch.round(col / scale).add_(zero).clamp_(0, maxq).mul_(kept_blk[:, j])  # the code, 0 where pruned
+            deq = (q - zero).mul_(scale).mul_(kept_blk[:, j])
+            w[:, c] = deq  # the final value of column c (w's own columns of this block are not read again)
+            torch.div(col - deq, u_blk[j, j], out=err_t[j])
+            w_blk[:, j:].addr_(err_t[j], u_blk[j, j:], alpha=-1)
+        w[:, end:].addmm_(err_t.t(), upper[start:end, end:], alpha=-1)
     back = torch.argsort(order)
-    q_all, mask = q_all[:, back], keep_p[:, back]
-    codes.copy_(q_all.to(torch.uint8))
-    deq = (q_all - zeros.repeat_interleave(group_size, 1)[:, :cols]) * scales.repeat_interleave(group_size, 1)[:, :cols]
+    deq, mask = w[:, back], keep_p[:, back]
+    cols_group = torch.arange(cols, device=w.device) // group_size
+    scale, zero = scales[:, cols_group], zeros[:, cols_group]
+    codes.copy_((torch.round(deq / scale) + zero).clamp_(0, maxq).mul_(mask))  # exact: deq lies on the grid
     return Quantized(codes, scales, zeros, deq * mask, mask)
 
 
