@@ -15,6 +15,7 @@ writes the results JSON in the anchors.md shape.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -105,8 +106,8 @@ def main() -> None:
     records = []
     for i, text in enumerate(args.settings):
         pruning, mode, allocator, quant = parse_setting(text)
-        pruning.sequential_within_block = args.sequential_within_block
-        pruning.act_order = args.prune_act_order
+        pruning = dataclasses.replace(pruning, sequential_within_block=args.sequential_within_block,
+                                      act_order=args.prune_act_order)  # validated again
         model.load_state_dict(dense_state)
         recon_sources = [calib_file] + ([GENERATED] if args.recon_generated else [])
         n_recon = args.recon_samples + args.recon_generated
@@ -155,6 +156,7 @@ def main() -> None:
             q = report["quantization"]
             extra.update(bits=q["bits"], quantizer=q["method"], group_size=q["group_size"], clip=not args.no_clip,
                          act_order=(not args.no_act_order) if quant == "gptq" else None, joint=q["joint"],
+                         prune_act_order=None if q["joint"] else args.prune_act_order,  # one sweep: act_order rules
                          bits_per_weight=q["bits_per_weight"]["total"], quant_output_error=q["output_error_total"])
         train = [t for b in report["blocks"] for t in b["training"]]
         records.append({

@@ -99,6 +99,9 @@ class PruningConfig:
             raise ConfigError(f"pruning.blocksize={self.blocksize} must be a positive multiple of M for {self.pattern}")
         if not self.percdamp > 0:
             raise ConfigError(f"pruning.percdamp={self.percdamp} must be > 0")
+        if self.act_order and self.method != "sparsegpt":
+            raise ConfigError(f"pruning.act_order=true orders SparseGPT's column sweep; method={self.method!r} has no "
+                              f"sweep: use method=sparsegpt or act_order=false")
         if self.act_order and nm:
             raise ConfigError(f"pruning.act_order=true needs unstructured pruning (N:M groups are contiguous inputs), "
                               f"got pattern={self.pattern!r}")

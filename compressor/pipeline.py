@@ -83,24 +83,28 @@ def preflight(settings: RunSettings):
 
 
 def check_disk_space(model, output: OutputConfig, out: Path, cross_block: bool = False,
-                     hessians: bool = False) -> int:
+                     quantized: bool = False) -> int:
     """Refuse to start when the output folder's disk cannot hold model, masks and block checkpoints.
 
-    ``cross_block``: checkpoints also keep the in-window state of the newest two blocks (weights, masks and,
-    with ``hessians``, fp32 Hessians of the layers' inputs, counted once per layer: an upper bound)."""
+    ``quantized`` (GPTQ/RTN): checkpoints hold a byte of code per linear weight and ``quantized.safetensors`` the
+    packed codes and mask (under 0.7 byte per weight). ``cross_block``: checkpoints also hold in-window states, up to
+    three at once while the newest replaces the oldest (a block's weights, masks and, when quantized, the fp32 GPTQ
+    Hessians of its layers' inputs, counted once per layer: an upper bound)."""
     adapter = ModelAdapter(model)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     linear = sum(weight_of(m).numel() for _, m in adapter.iter_linears())
     need = (weights if output.save_model else 0) + (linear if output.save_masks else 0)
+    if quantized:
+        need += int(0.7 * linear)
     if output.checkpoint:
-        need += weights + linear  # block checkpoints hold the blocks' weights and masks again
+        need += weights + linear + (linear if quantized else 0)  # the blocks' weights, masks and codes again
         if cross_block:
             def pending(block) -> int:
                 layers = [weight_of(m) for m in adapter.linears(block).values()]
                 return (sum(p.numel() * p.element_size() for p in block.parameters()) + sum(w.numel() for w in layers)
-                        + (sum(4 * w.shape[1] ** 2 for w in layers) if hessians else 0))
+                        + (sum(4 * w.shape[1] ** 2 for w in layers) if quantized else 0))
 
-            need += 2 * max(pending(b) for b in adapter.blocks)
+            need += 3 * max(pending(b) for b in adapter.blocks)
     free = shutil.disk_usage(out).free
     if need > free:
         raise ConfigError(f"output.dir={str(out)!r} has {free / 1e9:.2f} GB free; the outputs need about "
@@ -176,7 +180,7 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
         adapter = ModelAdapter(model)
         timings["load"] = time.perf_counter() - t
         check_disk_space(model, settings.output, out, settings.reconstruction.cross_block,
-                         settings.quantization.method == "gptq")
+                         settings.quantization.enabled)
 
         t = time.perf_counter()
         gen_device = device

@@ -212,6 +212,12 @@ class SequentialPruner:
         windows need the masks, so they keep them."""
         if not keep_masks and self.recon.cross_block:
             raise ValueError("keep_masks=False is for runs without cross-block windows")
+        if self.joint:
+            q, p = self.quant, pruning
+            if (p.blocksize, p.percdamp, p.act_order) != (q.blocksize, q.percdamp, q.act_order):
+                log.warning("quantization.joint: pruning and quantization run as one sweep with quantization's "
+                            "blocksize=%d, percdamp=%g, act_order=%s (pruning's %d, %g, %s are not used)",
+                            q.blocksize, q.percdamp, q.act_order, p.blocksize, p.percdamp, p.act_order)
         self.masks: dict[str, torch.Tensor] = {}
         self.quantized: dict[str, torch.Tensor] = {}  # "<layer>.codes|scales|zeros" -> tensor (CPU)
         self._hessians: dict[int, dict[str, torch.Tensor]] = {}  # per block, kept until it is quantized

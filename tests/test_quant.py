@@ -222,3 +222,5 @@ def test_act_order_pruning_keeps_the_count_and_errs_less():
     assert errors[True] < errors[False], errors
     with pytest.raises(ConfigError, match="pruning.act_order=true needs unstructured pruning.*'2:4'"):
         PruningConfig(pattern="2:4", act_order=True)
+    with pytest.raises(ConfigError, match="method='wanda' has no sweep"):
+        PruningConfig(method="wanda", act_order=True)

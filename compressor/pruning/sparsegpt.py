@@ -207,6 +207,10 @@ def sparsegpt_prune_shared(
     first, while the most columns are left to absorb their error. Returns ``[(new_weight, keep_mask)]``
     in the order of ``weights``; other arguments as in :func:`sparsegpt_prune`.
     """
+    cols = hessian.shape[0]
+    if any(x.dim() != 2 or x.shape[1] != cols for x in weights):
+        shapes = [tuple(x.shape) for x in weights]
+        raise ValueError(f"weights must be [rows, {cols}] to match the Hessian, got {shapes}")
     if act_order:
         if nm:
             raise ValueError("act_order needs unstructured pruning: N:M groups are contiguous inputs")
@@ -215,10 +219,6 @@ def sparsegpt_prune_shared(
         h = hessian.to(order.device)[order][:, order]
         done = sparsegpt_prune_shared([x[:, order] for x in weights], h, sparsity, None, blocksize, percdamp)
         return [(w[:, back], m[:, back]) for w, m in done]
-    cols = hessian.shape[0]
-    if any(x.dim() != 2 or x.shape[1] != cols for x in weights):
-        shapes = [tuple(x.shape) for x in weights]
-        raise ValueError(f"weights must be [rows, {cols}] to match the Hessian, got {shapes}")
     if nm and blocksize % nm[1]:
         raise ValueError(f"blocksize {blocksize} must be a multiple of M={nm[1]}")
     if nm and cols % nm[1]:

@@ -55,9 +55,10 @@ class QuantizationConfig:
     act_order: bool = True
     """GPTQ: quantize columns by decreasing Hessian diagonal, with each group's grid fixed before the sweep."""
     joint: bool = True
-    """GPTQ with unstructured SparseGPT and no reconstruction: prune and quantize in one sweep, in the column order
-    act_order gives (pruning.act_order does not apply then). False, or N:M, or reconstruction: quantize the pruned
-    (reconstructed) weights afterwards with the masks fixed."""
+    """GPTQ with unstructured SparseGPT and no reconstruction: prune and quantize in one sweep, with this section's
+    blocksize, percdamp and act_order (pruning's are not used then; a differing one is logged). False, or N:M, or
+    reconstruction: quantize the pruned (reconstructed) weights afterwards with the masks fixed. In one sweep the
+    per-layer error (pruning and rounding together) is reported as the layer's error, with no rounding share."""
 
     def __post_init__(self):
         if self.method not in METHODS:
