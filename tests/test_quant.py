@@ -224,3 +224,21 @@ def test_act_order_pruning_keeps_the_count_and_errs_less():
         PruningConfig(pattern="2:4", act_order=True)
     with pytest.raises(ConfigError, match="method='wanda' has no sweep"):
         PruningConfig(method="wanda", act_order=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs of the GPTQ column loop need a CUDA GPU")
+def test_graphed_column_loop_equals_the_plain_loop_on_a_gpu(monkeypatch):
+    import compressor.quant.int4 as int4
+
+    w, h = dense_layer(rows=300, cols=320, seed=4)  # a last block narrower than the others: two graphs
+    w, h = w.cuda(), h.cuda()
+    cfg = QuantizationConfig(method="gptq", group_size=64)
+    graphed = sparsegpt_gptq_shared([w[:100], w[100:]], h, [0.5, 0.6], cfg)
+    mask = torch.rand(w.shape, generator=torch.Generator().manual_seed(0)).cuda() > 0.5
+    graphed_gptq = quantize_gptq(w, h, mask, 4, 64, act_order=True, clip=True)
+    monkeypatch.setattr(int4, "_GraphedSweep", lambda: None)  # the plain loop
+    plain = sparsegpt_gptq_shared([w[:100], w[100:]], h, [0.5, 0.6], cfg)
+    plain_gptq = quantize_gptq(w, h, mask, 4, 64, act_order=True, clip=True)
+    for a, b in [*zip(graphed, plain), (graphed_gptq, plain_gptq)]:
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.mask, b.mask)
+        assert torch.equal(a.dequantized, b.dequantized)

@@ -24,6 +24,7 @@ compensated together, once. Its grids are fixed first from a SparseGPT pass (the
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
@@ -33,6 +34,8 @@ import torch
 from compressor.config import ConfigError
 from compressor.pruning.masks import smallest_mask
 from compressor.pruning.sparsegpt import inverse_hessian_factor, sparsegpt_prune_shared
+
+log = logging.getLogger(__name__)
 
 METHODS = ("none", "rtn", "gptq")
 
@@ -236,9 +239,10 @@ def _gptq(w: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, bits: int,
         scales[:], zeros[:] = grids
     w, keep_p = w[:, order], mask[:, order] & ~dead.unsqueeze(0)  # fresh tensors in sweep order
     w.masked_fill_(dead, 0.0)
-    group_of = ((torch.arange(cols, device=w.device) // group_size)[order]).tolist()  # host ints: no sync per column
+    group_of = (torch.arange(cols, device=w.device) // group_size)[order]
     diag_sq = torch.diag(upper).square()
     maxq = 2**bits - 1
+    graphs = _GraphedSweep() if grids is not None and w.is_cuda else None
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
         w_blk = w[:, start:end].clone()
@@ -247,18 +251,19 @@ def _gptq(w: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, bits: int,
             keep_p[:, start:end] &= choose(w_blk.square() / diag_sq[start:end])
         kept_blk = keep_p[:, start:end].float()
         err_t = torch.empty(end - start, rows, device=w.device)  # errors by column, each row contiguous
-        for j in range(end - start):
-            c = start + j
-            g = group_of[c]
-            if grids is None and c % group_size == 0:  # a new group: its grid from the weights as updated so far
-                g_end = min(c + group_size, cols)
-                scales[:, g], zeros[:, g] = group_grid(w_blk[:, j : j + g_end - c], keep_p[:, c:g_end], bits, clip)
-            scale, zero, col = scales[:, g], zeros[:, g], w_blk[:, j]
-            q = torch.round(col / scale).add_(zero).clamp_(0, maxq).mul_(kept_blk[:, j])  # the code, 0 where pruned
-            deq = (q - zero).mul_(scale).mul_(kept_blk[:, j])
-            w[:, c] = deq  # the final value of column c (w's own columns of this block are not read again)
-            torch.div(col - deq, u_blk[j, j], out=err_t[j])
-            w_blk[:, j:].addr_(err_t[j], u_blk[j, j:], alpha=-1)
+        if grids is not None:  # every grid known: the block's columns in one go (one CUDA graph replay on a GPU)
+            g_blk = group_of[start:end]
+            args = (w_blk, u_blk, scales[:, g_blk], zeros[:, g_blk], kept_blk, maxq)
+            deq_blk, err_t = graphs(*args) if graphs is not None else _sweep(*args)
+            w[:, start:end] = deq_blk
+        else:  # each group's grid from the weights as updated when the sweep reaches it
+            deq_blk = torch.empty_like(w_blk)
+            for j0 in range(0, end - start, group_size):
+                g, j1 = (start + j0) // group_size, min(j0 + group_size, end - start)
+                scales[:, g], zeros[:, g] = group_grid(w_blk[:, j0:j1], keep_p[:, start + j0 : start + j1], bits, clip)
+                _sweep(w_blk, u_blk, scales[:, g : g + 1].expand(-1, end - start),
+                       zeros[:, g : g + 1].expand(-1, end - start), kept_blk, maxq, (j0, j1), deq_blk, err_t)
+            w[:, start:end] = deq_blk
         w[:, end:].addmm_(err_t.t(), upper[start:end, end:], alpha=-1)
     back = torch.argsort(order)
     deq, mask = w[:, back], keep_p[:, back]
@@ -266,6 +271,65 @@ def _gptq(w: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, bits: int,
     scale, zero = scales[:, cols_group], zeros[:, cols_group]
     codes.copy_((torch.round(deq / scale) + zero).clamp_(0, maxq).mul_(mask))  # exact: deq lies on the grid
     return Quantized(codes, scales, zeros, deq * mask, mask)
+
+
+def _sweep(w_blk: torch.Tensor, u_blk: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, kept: torch.Tensor,
+           maxq: int, span: tuple[int, int] | None = None, deq: torch.Tensor | None = None,
+           err_t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's column loop over columns ``span`` of one block (default: all): each column rounded to its grid
+    (``scale``/``zero``/``kept`` ``[rows, block]``, 0 where pruned), its error divided by U_jj and spread over the
+    block's columns to its right (``w_blk`` is updated in place). Returns ``(deq [rows, block], err_t [block, rows])``."""
+    rows, width = w_blk.shape
+    j0, j1 = span or (0, width)
+    deq = torch.empty_like(w_blk) if deq is None else deq
+    err_t = torch.empty(width, rows, device=w_blk.device) if err_t is None else err_t
+    for j in range(j0, j1):
+        col = w_blk[:, j]
+        q = torch.round(col / scale[:, j]).add_(zero[:, j]).clamp_(0, maxq)
+        torch.mul((q - zero[:, j]).mul_(scale[:, j]), kept[:, j], out=deq[:, j])
+        torch.div(col - deq[:, j], u_blk[j, j], out=err_t[j])
+        w_blk[:, j:].addr_(err_t[j], u_blk[j, j:], alpha=-1)
+    return deq, err_t
+
+
+class _GraphedSweep:
+    """``_sweep`` over whole blocks as CUDA graphs, one per block shape: the loop launches about ten small kernels
+    per column, so on a GPU it is bound by the host; a graph replays a block's ~1,300 kernels with one launch.
+    Falls back to ``_sweep`` for good if capturing fails."""
+
+    def __init__(self):
+        self.graphs: dict[tuple, tuple] = {}
+        self.failed = False
+
+    def __call__(self, w_blk, u_blk, scale, zero, kept, maxq):
+        if self.failed:
+            return _sweep(w_blk, u_blk, scale, zero, kept, maxq)
+        key = (tuple(w_blk.shape), maxq)
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = self._capture(w_blk, u_blk, scale, zero, kept, maxq)
+            except RuntimeError as e:  # e.g. an allocator setting that graphs do not support
+                log.info("GPTQ column loop runs without CUDA graphs (%s)", e)
+                self.failed = True
+                return _sweep(w_blk, u_blk, scale, zero, kept, maxq)
+        graph, inputs, outputs = self.graphs[key]
+        for static, value in zip(inputs, (w_blk, u_blk, scale, zero, kept)):
+            static.copy_(value)
+        graph.replay()
+        return outputs[0].clone(), outputs[1].clone()
+
+    @staticmethod
+    def _capture(w_blk, u_blk, scale, zero, kept, maxq):
+        inputs = [t.clone() for t in (w_blk, u_blk, scale, zero, kept)]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph, as capture requires
+            _sweep(*[t.clone() for t in inputs], maxq)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = _sweep(*inputs, maxq)
+        return graph, inputs, outputs
 
 
 def bits_per_weight(numel: int, kept: int, groups: int, bits: int, scale_bits: int = 16) -> dict:
