@@ -304,10 +304,11 @@ class _GraphedSweep:
     def __call__(self, w_blk, u_blk, scale, zero, kept, maxq):
         if self.failed:
             return _sweep(w_blk, u_blk, scale, zero, kept, maxq)
-        key = (tuple(w_blk.shape), maxq)
+        key = (tuple(w_blk.shape), maxq, w_blk.device)
         if key not in self.graphs:
             try:
-                self.graphs[key] = self._capture(w_blk, u_blk, scale, zero, kept, maxq)
+                with torch.cuda.device(w_blk.device):  # streams and the graph on the weights' GPU
+                    self.graphs[key] = self._capture(w_blk, u_blk, scale, zero, kept, maxq)
             except RuntimeError as e:  # e.g. an allocator setting that graphs do not support
                 log.info("GPTQ column loop runs without CUDA graphs (%s)", e)
                 self.failed = True
