@@ -253,11 +253,7 @@ class SequentialPruner:
                 res = quantize_rtn(w, mask, q.bits, q.group_size, q.clip)
             if name in hessians:
                 report.quant_error[name] = output_error(w, res.dequantized, hessians[name])
-            set_weight(module, res.dequantized)
-            if res.mask is not None:
-                self.masks[full] = res.mask.cpu()
-            for part in ("codes", "scales", "zeros"):
-                self.quantized[f"{full}.{part}"] = getattr(res, part).cpu()
+            self._store_quantized(full, module, res)
 
     def _fit(self, first: int, blocks: list[nn.Module], inputs: Stream, targets: list[torch.Tensor],
              report: BlockReport, progress: bool) -> None:
@@ -510,8 +506,13 @@ class SequentialPruner:
         results = sparsegpt_gptq_shared(weights, hessian, s, self.quant)
         for name, w, full, res in zip(layers, weights, fulls, results):
             report.layer_error[name] = output_error(w, res.dequantized, hessian)
-            set_weight(layers[name], res.dequantized)
-            self.masks[full] = res.mask.cpu()
             report.sparsity[name] = achieved_sparsity(res.mask)
-            for part in ("codes", "scales", "zeros"):
-                self.quantized[f"{full}.{part}"] = getattr(res, part).cpu()
+            self._store_quantized(full, layers[name], res)
+
+    def _store_quantized(self, full: str, module: nn.Module, res) -> None:
+        """A quantized layer: its dequantized weight in the model, its mask (when set) and packed parts kept."""
+        set_weight(module, res.dequantized)
+        if res.mask is not None:
+            self.masks[full] = res.mask.cpu()
+        for part in ("codes", "scales", "zeros"):
+            self.quantized[f"{full}.{part}"] = getattr(res, part).cpu()

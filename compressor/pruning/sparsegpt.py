@@ -141,6 +141,22 @@ def _solve_rows(rhs: torch.Tensor, c: torch.Tensor, upper: torch.Tensor) -> torc
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def row_segments(weights: Sequence[torch.Tensor], sparsity: float | Sequence[float]) -> list[tuple[int, int, float]]:
+    """``(first_row, end_row, sparsity)`` of each weight once ``weights`` are stacked row-wise; ``sparsity``: one
+    for all, or one per weight."""
+    sizes = [x.shape[0] for x in weights]
+    ends = list(accumulate(sizes))
+    sparsities = [float(sparsity)] * len(weights) if isinstance(sparsity, (int, float)) else list(sparsity)
+    if len(sparsities) != len(weights):
+        raise ValueError(f"{len(sparsities)} sparsities given for {len(weights)} weights")
+    return list(zip([0, *ends[:-1]], ends, sparsities))
+
+
+def segment_mask(scores: torch.Tensor, segments: Sequence[tuple[int, int, float]]) -> torch.Tensor:
+    """SparseGPT's keep-mask of one block of stacked weights: the lowest ``scores`` of each weight pruned."""
+    return torch.cat([smallest_mask(scores[r0:r1], s) for r0, r1, s in segments])
+
+
 def _prune_in_place(
     w: torch.Tensor,
     upper: torch.Tensor,
@@ -166,9 +182,7 @@ def _prune_in_place(
         inv_d = diag.reciprocal()
         err = torch.empty_like(blk)  # e_j = c_j u_j, every column written below
         if nm is None:
-            scores = blk.square() / diag_sq
-            for r0, r1, sparsity in segments:
-                keep[r0:r1] = smallest_mask(scores[r0:r1], sparsity)
+            keep.copy_(segment_mask(blk.square() / diag_sq, segments))
             c = torch.where(keep, 0.0, inv_d)
         for j0 in range(0, end - start, step):
             j1 = min(j0 + step, end - start)
@@ -229,12 +243,9 @@ def sparsegpt_prune_shared(
     upper, dead, _ = inverse_hessian_factor(hessian.to(device), percdamp, dtype=dtype)
     w = torch.cat([x.detach().to(dtype) for x in weights])  # a fresh copy, pruned in place
     w.masked_fill_(dead, 0.0)
-    sizes = [x.shape[0] for x in weights]
-    ends = list(accumulate(sizes))
-    sparsities = [float(sparsity)] * len(weights) if isinstance(sparsity, (int, float)) else list(sparsity)
-    if len(sparsities) != len(weights):
-        raise ValueError(f"{len(sparsities)} sparsities given for {len(weights)} weights")
-    mask = _prune_in_place(w, upper, nm, blocksize, list(zip([0, *ends[:-1]], ends, sparsities)))
+    segments = row_segments(weights, sparsity)
+    mask = _prune_in_place(w, upper, nm, blocksize, segments)
+    sizes = [r1 - r0 for r0, r1, _ in segments]
     return list(zip(w.split(sizes), mask.split(sizes)))
 
 

@@ -27,13 +27,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import accumulate
 
 import torch
 
 from compressor.config import ConfigError
-from compressor.pruning.masks import smallest_mask
-from compressor.pruning.sparsegpt import inverse_hessian_factor, sparsegpt_prune_shared
+from compressor.pruning.sparsegpt import inverse_hessian_factor, row_segments, segment_mask, sparsegpt_prune_shared
 
 log = logging.getLogger(__name__)
 
@@ -193,27 +191,20 @@ def sparsegpt_gptq_shared(weights: Sequence[torch.Tensor], hessian: torch.Tensor
     does not visit together, and left to right it measured worse than GPTQ after pruning (bench/results/
     protocol_schedule.json). Returns one ``Quantized`` per weight (``mask``: the chosen keep-mask).
     """
-    sizes = [x.shape[0] for x in weights]
-    ends = list(accumulate(sizes))
-    sparsities = [float(sparsity)] * len(weights) if isinstance(sparsity, (int, float)) else list(sparsity)
-    if len(sparsities) != len(weights):
-        raise ValueError(f"{len(sparsities)} sparsities given for {len(weights)} weights")
-    segments = list(zip([0, *ends[:-1]], ends, sparsities))
-
-    def choose(scores: torch.Tensor) -> torch.Tensor:
-        return torch.cat([smallest_mask(scores[r0:r1], s) for r0, r1, s in segments])
-
+    segments = row_segments(weights, sparsity)
+    sizes = [r1 - r0 for r0, r1, _ in segments]
     w = torch.cat([x.detach().float() for x in weights])
     h = hessian.to(w.device)
     order = torch.argsort(torch.diag(h), descending=True, stable=True) if cfg.act_order else None
-    pruned = sparsegpt_prune_shared(list(w.split(sizes)), h, sparsities, None, cfg.blocksize, cfg.percdamp,
-                                    act_order=cfg.act_order)
+    pruned = sparsegpt_prune_shared(list(w.split(sizes)), h, [s for _, _, s in segments], None, cfg.blocksize,
+                                    cfg.percdamp, act_order=cfg.act_order)
     grid_w, grid_mask = torch.cat([x for x, _ in pruned]), torch.cat([m for _, m in pruned])
     del pruned
     grids = static_grids(grid_w, grid_mask, cfg.bits, cfg.group_size, cfg.clip)
     del grid_w, grid_mask
     keep = (torch.diag(h) != 0).unsqueeze(0).expand_as(w).clone()
-    res = _gptq(w, h, keep, cfg.bits, cfg.group_size, cfg.percdamp, cfg.blocksize, cfg.clip, order, grids, choose)
+    res = _gptq(w, h, keep, cfg.bits, cfg.group_size, cfg.percdamp, cfg.blocksize, cfg.clip, order, grids,
+                lambda scores: segment_mask(scores, segments))
     parts = zip(res.codes.split(sizes), res.scales.split(sizes), res.zeros.split(sizes), res.dequantized.split(sizes),
                 res.mask.split(sizes))
     return [Quantized(*p) for p in parts]
