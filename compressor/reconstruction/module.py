@@ -17,6 +17,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from compressor.config import ConfigError
+from compressor.engine import BlockKwargs, block_output
 
 MODES = ("lr", "br", "br+gp", "br+gp+cr")
 
@@ -76,18 +77,32 @@ def window_masks(blocks: list[nn.Module], masks_by_linear: list[dict[str, torch.
     return out
 
 
+def _as_float32(value):
+    """Floating tensors (additive masks, rotary tables) of a half-precision capture as float32, tuples too."""
+    if torch.is_tensor(value):
+        return value.float() if value.is_floating_point() and value.dtype != torch.float32 else value
+    if isinstance(value, dict):
+        return {k: _as_float32(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_as_float32(v) for v in value)
+    return value
+
+
 class BlockReconstruction(LightningModule):
     """Fits ``blocks`` (applied in sequence) so that their output on ``inputs`` matches ``targets``.
 
     Args:
         blocks: the window, e.g. ``[block_i]`` or ``[block_i, block_i+1]``.
         masked: ``[(weight parameter, keep_mask)]`` for the pruned weights (see ``window_masks``).
-        block_kwargs: extra forward arguments per ``(batch, seqlen)`` (masks, position tables).
+        block_kwargs: each block's own forward arguments (masks, position tables), from the capture.
         total_steps: optimizer steps over the whole fit, for the linear decay.
+
+    The blocks' parameters must be float32 (``fit_window`` trains an fp32 master copy of a half-precision
+    block); inputs and floating arguments are cast to float32 on the way in.
     """
 
     def __init__(self, blocks: list[nn.Module], masked: list[tuple[nn.Parameter, torch.Tensor]],
-                 block_kwargs: dict[tuple[int, int], dict], cfg: ReconstructionConfig, total_steps: int):
+                 block_kwargs: BlockKwargs, cfg: ReconstructionConfig, total_steps: int):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.masked = masked
@@ -100,11 +115,10 @@ class BlockReconstruction(LightningModule):
             p.requires_grad_(linear_weight or cfg.train_norms)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        from compressor.sequential import block_output, kwargs_for
-
-        kwargs = kwargs_for(self.block_kwargs, tuple(hidden.shape[:2]))
+        shape = tuple(hidden.shape[:2])
+        hidden = hidden.float()
         for block in self.blocks:
-            hidden = block_output(block, hidden, kwargs)
+            hidden = block_output(block, hidden, _as_float32(self.block_kwargs.of(block, shape)))
         return hidden
 
     def train(self, mode: bool = True):
