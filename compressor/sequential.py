@@ -1,8 +1,9 @@
 """The sequential driver: walk the decoder blocks, gather statistics, prune, feed the next block.
 
 Each block runs with its own inputs (mask, rotary tables) as the model's own forward builds them
-(``compressor.engine``: capture, streams, ``run_block``, ``advance``). Only the block being processed sits on the compute device; activations stay there too when
-they fit, otherwise in host memory. A dense stream can be carried beside the sparse one to
+(``compressor.engine``: capture, streams, ``run_block``, ``advance``). Only the block being
+processed sits on the compute device; activations stay there too when they fit, otherwise in
+host memory. A dense stream can be carried beside the sparse one to
 measure each block's normalized reconstruction error against the original model.
 """
 
