@@ -130,3 +130,8 @@ def test_half_precision_models_reconstruct_on_an_fp32_master_copy(dtype):
         assert loss is not None and loss == loss  # finite (not NaN)
         # BR lowers the block's error against the dense model below what pruning alone left
         assert r.calib_rel_error < r.calib_rel_error_pruned, r.index
+
+
+def test_pure_fp16_training_is_refused_by_name():
+    with pytest.raises(ConfigError, match="reconstruction.precision='16-true' trains in fp16.*bf16-mixed"):
+        ReconstructionConfig(mode="br", precision="16-true")

@@ -37,21 +37,23 @@ class StreamRows(Dataset):
 
 @contextlib.contextmanager
 def float32_master(blocks: list[nn.Module]):
-    """Within the context, every floating parameter of ``blocks`` is float32; after it, each is rounded back to its
-    own storage dtype (fp16/bf16). The ``Parameter`` objects stay the same (only their data is swapped), so masks
+    """Within the context, every floating parameter of ``blocks`` starts as float32; after it, each is back in its
+    own storage dtype (fp16/bf16: rounded). The ``Parameter`` objects stay the same (only their data is swapped), so masks
     and references to them stay valid; buffers (rotary tables) are left as they are. Training half-precision
     weights directly fails: AdamW's eps (1e-8) and small squared gradients round to zero in fp16, and the
     first step divides by zero."""
-    params = [p for b in blocks for p in b.parameters() if p.is_floating_point() and p.dtype != torch.float32]
+    params = [p for b in blocks for p in b.parameters() if p.is_floating_point()]
     dtypes = [p.dtype for p in params]
     for p in params:
-        p.data = p.data.float()
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
     try:
         yield
     finally:
         with torch.no_grad():
             for p, dtype in zip(params, dtypes):
-                p.data = p.data.to(dtype)
+                if p.dtype != dtype:  # also after a "-true" precision converted the module
+                    p.data = p.data.to(dtype)
 
 
 @contextlib.contextmanager
