@@ -26,6 +26,7 @@ from compressor.config import (
     RuntimeConfig,
 )
 from compressor.data.text import DataError
+from compressor.moe.config import MoEConfig
 from compressor.quant.int4 import QuantizationConfig
 from compressor.reconstruction.module import ReconstructionConfig
 from compressor.schedule.allocate import ScheduleConfig
@@ -35,13 +36,15 @@ unstructured or N:M), reconstruct blocks against the dense model, spread sparsit
 quantize the kept weights to 4 bits, and measure what was lost.
 
   fit       compress a model (sequential pruning), evaluate it, save model + masks + report
-  validate  measure perplexity and sparsity of a model or a compressed output folder (output.dir/model)
+  validate  measure perplexity and sparsity of a model or a compressed output folder (output.dir/model;
+            with moe.safetensors beside it, the converted mixture-of-experts model)
 
 Examples:
   python cli.py fit --config configs/quickstart.yaml
   python cli.py fit --config configs/protocol.yaml --model.pruning.method wanda --model.pruning.pattern 2:4
   python cli.py fit --config configs/schedule.yaml --model.schedule.dry_run true
   python cli.py validate --model.source.name_or_path outputs/quickstart/model --data.evaluation.datasets [wikitext2]
+  python cli.py fit --config configs/quickstart.yaml --model.moe.enabled true --model.moe.k 48
   python cli.py fit --config configs/quickstart.yaml --print_config
 """
 
@@ -65,6 +68,7 @@ class CompressionTask(LightningModule):
         reconstruction: ReconstructionConfig = ReconstructionConfig(),
         schedule: ScheduleConfig = ScheduleConfig(),
         quantization: QuantizationConfig = QuantizationConfig(),
+        moe: MoEConfig = MoEConfig(),
     ):
         """
         Args:
@@ -75,6 +79,7 @@ class CompressionTask(LightningModule):
             schedule: how the target sparsity is spread over blocks or layers (uniform, owl, hessian); dry_run
                 prints the schedule without pruning.
             quantization: low-bit weights for the kept weights (none, rtn, gptq; 4 bits, groups of 128).
+            moe: FFNs into mixtures of experts with trained routers (G-MoEfication), after pruning.
         """
         super().__init__()
         self.source = source
@@ -83,9 +88,10 @@ class CompressionTask(LightningModule):
         self.reconstruction = reconstruction
         self.schedule = schedule
         self.quantization = quantization
+        self.moe = moe
         self.save_hyperparameters({"source": asdict(source), "pruning": asdict(pruning), "runtime": asdict(runtime),
                                    "reconstruction": asdict(reconstruction), "schedule": asdict(schedule),
-                                   "quantization": asdict(quantization)})
+                                   "quantization": asdict(quantization), "moe": asdict(moe)})
 
 
 class CalibrationData(LightningDataModule):
@@ -139,7 +145,7 @@ class CompressorCLI(LightningCLI):
         settings = RunSettings(model=model.source, pruning=model.pruning, calibration=datamodule.calibration,
                                evaluation=datamodule.evaluation, output=self._output(), runtime=model.runtime,
                                reconstruction=model.reconstruction, recon_calibration=datamodule.recon_calibration,
-                               schedule=model.schedule, quantization=model.quantization)
+                               schedule=model.schedule, quantization=model.quantization, moe=model.moe)
         compress(settings, self.device)
 
     def validate(self, model: CompressionTask, datamodule: CalibrationData, **_):

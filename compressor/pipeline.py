@@ -31,6 +31,7 @@ from compressor.evaluation import perplexity
 from compressor.io import atomic_write, atomic_write_dir, atomic_write_json
 from compressor.models.adapters import ModelAdapter, check_supported, max_context, weight_of
 from compressor.models.loading import load_config, load_model
+from compressor.moe.config import MoEConfig
 from compressor.quant.int4 import QuantizationConfig, bits_per_weight
 from compressor.reconstruction.module import ReconstructionConfig
 from compressor.report import plot_block_error, plot_sparsity, print_summary
@@ -56,6 +57,7 @@ class RunSettings:
     """Calibration for reconstruction training (the paper uses 256 x 1024); None: the pruning windows."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
 
 def preflight(settings: RunSettings):
@@ -63,6 +65,10 @@ def preflight(settings: RunSettings):
     settings.schedule.check(settings.pruning.target_sparsity, settings.pruning.nm)
     config = load_config(settings.model)
     check_supported(config.model_type)
+    if settings.moe.enabled:
+        from compressor.moe.ffn import ffn_spec
+
+        ffn_spec(config.model_type)  # the family has an FFN adapter (widths are checked on the weights)
     limit = max_context(config)
     eval_seqlen = settings.evaluation.seqlen or settings.calibration.seqlen
     checks = [("calibration.seqlen", settings.calibration.seqlen), ("evaluation.seqlen", eval_seqlen)]
@@ -235,6 +241,7 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
                             on_block=lambda r: log.info("block %d: %.2fs rel_err calib %s held-out %s", r.index,
                                                         r.seconds, r.calib_rel_error, r.heldout_rel_error))
         timings["prune"] = time.perf_counter() - t
+        moe = run_moe_step(settings, model, calib, out, device, progress, timings)
 
         ppl: dict[str, float] = {}
         t = time.perf_counter()
@@ -262,6 +269,7 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
                         "reconstruction": settings.reconstruction.mode, "schedule": settings.schedule.allocator},
             "schedule": schedule.to_dict() if schedule else None,
             "quantization": quantization_summary(settings.quantization, pruner, blocks),
+            "moe": moe,
             "calibration": {"sources": settings.calibration.sources, "windows": int(calib.shape[0]),
                             "seqlen": int(calib.shape[1]), "tokens": int(calib.numel()),
                             "reconstruction_windows": list(recon_calib.shape) if recon_calib is not None else None},
@@ -287,6 +295,20 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
         torch.use_deterministic_algorithms(was_deterministic)
         logging.getLogger("compressor").removeHandler(handler)
         handler.close()
+
+
+def run_moe_step(settings: RunSettings, model, calib: torch.Tensor, out: Path, device, progress: bool,
+                 timings: dict) -> dict | None:
+    """model.moe: convert the (pruned) FFNs into experts with trained routers (compressor.moe); its report section."""
+    if not settings.moe.enabled:
+        return None
+    from compressor.moe import run_moe
+
+    t = time.perf_counter()
+    section = run_moe(model, calib, settings.moe, out, device, progress, settings.runtime.batch_size,
+                      settings.output.plots)
+    timings["moe"] = time.perf_counter() - t
+    return section
 
 
 def make_schedule(settings: RunSettings, model, calib: torch.Tensor, device: torch.device, out: Path,
@@ -375,6 +397,14 @@ def save_outputs(report: dict, model, tokenizer, masks: dict, settings: RunSetti
     outputs["log"] = str(out / "compress.log")
 
 
+def attach_saved_moe(model, name_or_path: str) -> dict | None:
+    """A converted output folder (``moe.safetensors`` beside ``model/``): its FFNs converted back into experts."""
+    from compressor.moe.io import attach_moe, saved_moe_file
+
+    path = saved_moe_file(name_or_path) if os.path.isdir(os.path.expanduser(name_or_path)) else None
+    return attach_moe(model, path) if path else None
+
+
 def validate(model_cfg: ModelConfig, evaluation: EvaluationConfig, calibration: CalibrationConfig,
              output: OutputConfig, device: str | torch.device = "cpu", progress: bool = True) -> dict:
     """Perplexity and achieved sparsity of a model or a compressed output folder; writes ``validate.json``."""
@@ -383,6 +413,7 @@ def validate(model_cfg: ModelConfig, evaluation: EvaluationConfig, calibration: 
     preflight(settings)
     model, tokenizer = load_model(model_cfg)
     adapter = ModelAdapter(model)
+    moe = attach_saved_moe(model, model_cfg.name_or_path)
     corpora = eval_corpora(settings, model, tokenizer, device)
     ppl = {name: perplexity(model, w, device, progress=progress, desc=f"ppl {name}") for name, w in corpora.items()}
     zeros = total = 0
@@ -392,7 +423,7 @@ def validate(model_cfg: ModelConfig, evaluation: EvaluationConfig, calibration: 
         total += w.numel()
     report = {"model": model_cfg.name_or_path, "family": adapter.model_type, "perplexity": ppl,
               "windows": {k: list(v.shape) for k, v in corpora.items()},
-              "linear_sparsity": zeros / max(total, 1), "machine": machine_name(device),
+              "linear_sparsity": zeros / max(total, 1), "moe": moe, "machine": machine_name(device),
               "date": datetime.datetime.now().isoformat(timespec="seconds")}
     atomic_write_json(Path(output.dir) / "validate.json", report)
     from rich.console import Console
@@ -404,5 +435,7 @@ def validate(model_cfg: ModelConfig, evaluation: EvaluationConfig, calibration: 
     for name, value in ppl.items():
         table.add_row(f"perplexity ({'held-out generated text' if name == GENERATED else name})", f"{value:.3f}")
     table.add_row("sparsity of linear layers", f"{report['linear_sparsity']:.4f}")
+    if moe:
+        table.add_row("MoE FFNs (experts per token)", f"{moe['k']} of {moe['experts']} ({moe['variant']})")
     Console().print(table)
     return report
