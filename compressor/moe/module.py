@@ -198,7 +198,9 @@ class MoEFFN(nn.Module):
         order = torch.sort(flat, stable=True).indices
         experts = flat[order]
         tokens = torch.div(order, k, rounding_mode="floor")
-        offs = torch.bincount(flat, minlength=self.experts).cumsum(0).to(torch.int32)
+        # tokens per expert without a host sync (bincount would read the maximum back): CUDA-graph capturable
+        counts = torch.zeros(self.experts, dtype=torch.int32, device=h.device)
+        offs = counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32)).cumsum(0, dtype=torch.int32)
         z = grouped_mm(h[tokens], p.w_in.transpose(1, 2), offs)  # [n*k, g*mp]
         act = getattr(self, self.spec.act)
         if self.spec.gated:
