@@ -66,9 +66,14 @@ def preflight(settings: RunSettings):
     config = load_config(settings.model)
     check_supported(config.model_type)
     if settings.moe.enabled:
-        from compressor.moe.ffn import ffn_spec
+        from compressor.models.adapters import BLOCK_PATHS
+        from compressor.moe.config import check_width
+        from compressor.moe.ffn import config_ffn_width, ffn_spec
 
-        ffn_spec(config.model_type)  # the family has an FFN adapter (widths are checked on the weights)
+        spec = ffn_spec(config.model_type)
+        width = config_ffn_width(config)  # declared width; run_moe checks every block's real one again
+        if width:
+            check_width(f"{BLOCK_PATHS[config.model_type]}.*.{spec.path}.{spec.down}", width, settings.moe.experts)
     limit = max_context(config)
     eval_seqlen = settings.evaluation.seqlen or settings.calibration.seqlen
     checks = [("calibration.seqlen", settings.calibration.seqlen), ("evaluation.seqlen", eval_seqlen)]

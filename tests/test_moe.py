@@ -210,3 +210,17 @@ def test_fit_converts_after_pruning_and_validate_reproduces_it(shared_data, smol
     (corpus, ppl), = validated["perplexity"].items()
     assert ppl == pytest.approx(report["perplexity"]["compressed"][corpus], rel=1e-5)
     assert json.loads((out / "validate.json").read_text())["moe"]["experts"] == 8
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model.moe.enabled", "true", "--model.moe.experts", "7", "--model.moe.k", "4"],
+     "moe.experts=7 does not divide the FFN width 1536 of model.layers.*.mlp.down_proj"),
+    (["--model.moe.variant", "max"], "moe.variant='max' is unknown"),
+])
+def test_cli_names_bad_moe_settings_before_loading(monkeypatch, capsys, smollm2_tokenizer, tmp_path, args, message):
+    import compressor.pipeline
+    from compressor.cli import main
+
+    monkeypatch.setattr(compressor.pipeline, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    rc = main(["fit", "--trainer.accelerator", "cpu", "--output.dir", str(tmp_path), *args])
+    assert rc == 2 and message in capsys.readouterr().err

@@ -59,6 +59,18 @@ def ffn_spec(model_type: str) -> FFNSpec:
     return FFN_SPECS[model_type]
 
 
+def config_ffn_width(config) -> int | None:
+    """The FFN width a transformers config declares (None where it declares none we know)."""
+    for attr in ("intermediate_size", "ffn_hidden_size", "n_inner"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    if config.model_type in ("gpt2", "bloom", "falcon"):  # 4 x hidden by construction
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+        return 4 * hidden if hidden else None
+    return None
+
+
 def ffn_module(block: nn.Module, spec: FFNSpec) -> nn.Module:
     return block.get_submodule(spec.path)
 

@@ -98,7 +98,6 @@ def set_moe(model: nn.Module, k: int | None = None, variant: str | None = None,
             if variant not in VARIANTS:
                 raise ConfigError(f"moe.variant={variant!r}: choose one of {', '.join(VARIANTS)}")
             m.variant = variant
-            m.unpack()  # the packed bias depends on nothing variant-specific, but keep packs fresh
         if expert_compute is not None:
             m.expert_compute = expert_compute
         m.reset_random()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from compressor.models.adapters import ModelAdapter
 from compressor.moe.config import MoEConfig
 from compressor.moe.convert import convert_model
 from compressor.moe.ffn import ffn_module, ffn_spec, ffn_width
@@ -49,8 +50,6 @@ def run_moe(model, calib_windows: torch.Tensor, cfg: MoEConfig, out_dir: str | P
     blocks = convert_model(model, calib_windows, cfg, device, batch_size, progress)
     seconds = time.perf_counter() - t
     spec = ffn_spec(model.config.model_type)
-    from compressor.models.adapters import ModelAdapter
-
     first = ffn_module(ModelAdapter(model).blocks[0], spec)
     d = first.router_proj.shape[1]
     d_ff = ffn_width(first, spec)
@@ -65,7 +64,7 @@ def run_moe(model, calib_windows: torch.Tensor, cfg: MoEConfig, out_dir: str | P
         "router_train_seconds": sum(b["router"]["seconds"] for b in blocks),
         "kmeans_seconds": sum(b["kmeans_seconds"] for b in blocks),
         "seconds": seconds,
-        "blocks": [{k: v for k, v in b.items()} for b in blocks],
+        "blocks": blocks,
         "outputs": {"tables": str(path)},
     }
     if plots:
