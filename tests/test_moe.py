@@ -210,17 +210,40 @@ def test_fit_converts_after_pruning_and_validate_reproduces_it(shared_data, smol
     (corpus, ppl), = validated["perplexity"].items()
     assert ppl == pytest.approx(report["perplexity"]["compressed"][corpus], rel=1e-5)
     assert json.loads((out / "validate.json").read_text())["moe"]["experts"] == 8
+    from compressor.moe import generate, load_moe
+
+    loaded, _, meta = load_moe(out, k=8)  # all experts: the pruned model itself
+    assert meta["k"] == 8 and isinstance(ffn_module(ModelAdapter(loaded).blocks[1], ffn_spec("llama")), MoEFFN)
+    text = generate(out, "The tower is", max_new_tokens=4, expert_compute=True)
+    assert isinstance(text, str)
 
 
 @pytest.mark.parametrize("args,message", [
     (["--model.moe.enabled", "true", "--model.moe.experts", "7", "--model.moe.k", "4"],
-     "moe.experts=7 does not divide the FFN width 1536 of model.layers.*.mlp.down_proj"),
+     "moe.experts=7 does not divide the FFN width 128 of model.layers.*.mlp.down_proj"),
     (["--model.moe.variant", "max"], "moe.variant='max' is unknown"),
 ])
-def test_cli_names_bad_moe_settings_before_loading(monkeypatch, capsys, smollm2_tokenizer, tmp_path, args, message):
+def test_cli_names_bad_moe_settings_before_loading(monkeypatch, capsys, tmp_path, args, message):
     import compressor.pipeline
     from compressor.cli import main
 
+    FAMILIES["llama"]().save_pretrained(tmp_path / "llama")  # config.json only: enough for the up-front checks
     monkeypatch.setattr(compressor.pipeline, "load_model", lambda *a, **k: pytest.fail("model loaded"))
-    rc = main(["fit", "--trainer.accelerator", "cpu", "--output.dir", str(tmp_path), *args])
+    rc = main(["fit", "--trainer.accelerator", "cpu", "--output.dir", str(tmp_path / "out"),
+               "--model.source.name_or_path", str(tmp_path / "llama"), *args])
     assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_mu_is_the_mean_activation_over_every_calibration_token():
+    model = tiny("llama", seed=2)
+    ids = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(0))
+    blocks = ModelAdapter(model).blocks
+    seen = []
+    handle = blocks[1].mlp.down_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, 128)))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    reports = convert_model(model, ids, MoEConfig(enabled=True, experts=8, k=8, train_router=False,
+                                                  router_tokens=0), "cpu", batch_size=4)
+    assert reports[1]["mu_tokens"] == 96 and reports[1]["router_tokens"] == 96
+    assert torch.allclose(blocks[1].mlp.mu, torch.cat(seen).mean(0), atol=1e-6)
