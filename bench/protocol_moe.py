@@ -52,7 +52,7 @@ def tiny_model(tokenizer):
 
 
 def write_assignment(model, cfg: MoEConfig, path: str) -> None:
-    """Balanced k-means of every block (this machine's CPU), saved as ``<block>.<ffn>.assignment`` for ``--assignment``."""
+    """Balanced k-means of every block (on this machine's CPU), saved as ``<block>.<ffn>.assignment``."""
     from safetensors.torch import save_file
 
     adapter = ModelAdapter(model)
@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--untrained", action="store_true", help="also the centroid-initialised router (mean replacement)")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--router-tokens", type=int, default=65536)
+    ap.add_argument("--target-norm", default="batch", help="router targets over the batch max (batch) or per token")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=8, help="calibration windows per block forward")
@@ -85,19 +86,21 @@ def main() -> None:
     ap.add_argument("--write-assignment", default=None, help="only run the k-means (dense model) and write this file")
     ap.add_argument("--max-windows", type=int, default=None, help="evaluate fewer windows (smoke runs only)")
     ap.add_argument("--append", action="store_true", help="add to the records already in --out")
-    ap.add_argument("--smoke", action="store_true", help="tiny random Llama with the model's tokenizer, CPU, small data")
+    ap.add_argument("--smoke", action="store_true", help="tiny random Llama, the model's tokenizer, CPU, small data")
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     data = Path(args.data)
-    calib_file, eval_file = str(data / "wikitext-2" / "wiki.valid.tokens"), str(data / "wikitext-2-raw" / "wiki.test.raw")
+    calib_file = str(data / "wikitext-2" / "wiki.valid.tokens")
+    eval_file = str(data / "wikitext-2-raw" / "wiki.test.raw")
     model, tokenizer = load_model(ModelConfig(name_or_path=args.model))
     if args.smoke:
         model = tiny_model(tokenizer)
         args.samples, args.seqlen, args.experts, args.epochs, args.router_tokens = 4, 128, 8, 2, 0
         args.max_windows = args.max_windows or 2
     cfg = MoEConfig(enabled=True, experts=args.experts, k=args.experts, epochs=args.epochs,
-                    router_tokens=args.router_tokens, kmeans_jobs=args.kmeans_jobs, assignment=args.assignment)
+                    router_tokens=args.router_tokens, kmeans_jobs=args.kmeans_jobs, assignment=args.assignment,
+                    target_norm=args.target_norm)
     if args.write_assignment:
         write_assignment(model, cfg, args.write_assignment)
         return
@@ -114,7 +117,9 @@ def main() -> None:
         records = json.loads(Path(args.out).read_text())["records"]
     common = {"model": "smollm2-135m" if not args.smoke else "tiny-llama", "eval_windows": int(windows.shape[0]),
               "calibration": f"{args.samples} x {args.seqlen}", "router_tokens": args.router_tokens or None,
-              "epochs": args.epochs}
+              "epochs": args.epochs, "target_norm": args.target_norm,
+              # with --assignment every base (the pruned one too) uses those experts, found on the dense weights
+              "experts_from": f"file {Path(args.assignment).name}" if args.assignment else "k-means of these weights"}
 
     def measure(desc: str) -> float:
         return perplexity(model, windows, device, progress=False, desc=desc)
@@ -139,7 +144,9 @@ def main() -> None:
                         "active_fraction": 1.0, "ppl": base_ppl, "ffn_flops_fraction": 1.0,
                         "prune_seconds": round(prune_seconds, 2)})
         save(f"{base}: ppl {base_ppl:.3f}")
-        runs = [("trained", cfg)] + ([("untrained", dataclasses.replace(cfg, train_router=False))] if args.untrained else [])
+        runs = [("trained", cfg)]
+        if args.untrained:
+            runs.append(("untrained", dataclasses.replace(cfg, train_router=False)))
         for router_kind, run_cfg in runs:
             detach_moe(model)
             if device.type == "cuda":
@@ -154,8 +161,9 @@ def main() -> None:
                            "per_block_router_seconds": [round(b["router"]["seconds"], 3) for b in blocks],
                            "per_block_recall": [round(b["router"]["recall"], 4) for b in blocks],
                            "per_block_recall_init": [round(b["router"]["recall_init"], 4) for b in blocks]}
-            print(f"{base} {router_kind}: converted in {convert_seconds:.1f}s (k-means {router_info['kmeans_seconds']}s, "
-                  f"routers {router_info['router_train_seconds']}s), mean recall {router_info['router_recall_mean']:.3f}",
+            print(f"{base} {router_kind}: converted in {convert_seconds:.1f}s (k-means "
+                  f"{router_info['kmeans_seconds']}s, routers {router_info['router_train_seconds']}s), mean recall "
+                  f"{router_info['router_recall_mean']:.3f}",
                   flush=True)
             variants = args.variants if router_kind == "trained" else ["mean"]
             for fraction in args.fractions:

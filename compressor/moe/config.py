@@ -36,6 +36,9 @@ class MoEConfig:
     """Tokens per block the router trains on (and is held out from), drawn with the seed from all calibration tokens;
     mu always uses every calibration token. 65,536 of the protocol's 262,144 keeps 30 epochs at ~3,500 steps per
     block; 0 uses every token."""
+    target_norm: str = "batch"
+    """Router targets scaled into [0, 1] by the batch maximum (batch, the reference) or per token by its own maximum
+    (token)."""
     recall_top: float = 0.2
     """Router quality: share of the target mass (sum over tokens of s_e) in the router's top ceil(recall_top * E)."""
     kmeans_max_iter: int = 100
@@ -51,6 +54,8 @@ class MoEConfig:
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ConfigError(f"moe.variant={self.variant!r} is unknown: choose one of {', '.join(VARIANTS)}")
+        if self.target_norm not in ("batch", "token"):
+            raise ConfigError(f"moe.target_norm={self.target_norm!r}: choose batch or token")
         if self.experts < 1 or not 1 <= self.k <= self.experts:
             raise ConfigError(f"moe.experts={self.experts} must be >= 1 and moe.k={self.k} in [1, experts]")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:

@@ -55,7 +55,8 @@ def ffn_spec(model_type: str) -> FFNSpec:
     """The family's FFN layout; ConfigError naming the supported families otherwise."""
     if model_type not in FFN_SPECS:
         raise ConfigError(f"moe: model family {model_type!r} has no FFN adapter: supported are "
-                          f"{', '.join(sorted(FFN_SPECS))} (OPT's fc1/fc2 sit in the decoder layer, not in an FFN module)")
+                          f"{', '.join(sorted(FFN_SPECS))} (OPT's fc1/fc2 sit in the decoder layer, not in an FFN "
+                          "module)")
     return FFN_SPECS[model_type]
 
 
@@ -81,7 +82,7 @@ def ffn_width(ffn: nn.Module, spec: FFNSpec) -> int:
 
 
 def activation(ffn: nn.Module, spec: FFNSpec, x: torch.Tensor) -> torch.Tensor:
-    """``a`` ``[..., d_ff]`` entering the down projection, for FFN inputs ``x`` ``[..., d]`` (the module's own layers)."""
+    """``a`` ``[..., d_ff]`` entering the down projection for FFN inputs ``x`` ``[..., d]`` (by the FFN's layers)."""
     act = getattr(ffn, spec.act)
     if spec.fused:
         gate, up = getattr(ffn, spec.up)(x).chunk(2, dim=-1)
@@ -114,6 +115,7 @@ def neuron_weights(ffn: nn.Module, spec: FFNSpec) -> NeuronWeights:
     elif spec.gate is not None:
         w_up = weight_of(getattr(ffn, spec.up))
     b_in = None if spec.gated else getattr(first, "bias", None)
-    if spec.gated and (getattr(first, "bias", None) is not None or getattr(getattr(ffn, spec.up), "bias", None) is not None):
+    up_bias = getattr(getattr(ffn, spec.up), "bias", None)
+    if spec.gated and (getattr(first, "bias", None) is not None or up_bias is not None):
         raise ConfigError("moe: gated FFNs with biased gate/up projections are not supported")
     return NeuronWeights(w_in, w_up, b_in, weight_of(down), getattr(down, "bias", None))

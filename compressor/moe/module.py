@@ -155,7 +155,7 @@ class MoEFFN(nn.Module):
         return y
 
     def forward_masked(self, h: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
-        """Dense FFN with unselected neurons' activations replaced: ``h`` ``[n, d]``, ``sel`` ``[n, k]`` -> ``[n, d]``."""
+        """Dense FFN, unselected neurons' activations replaced: ``h`` ``[n, d]``, ``sel`` ``[n, k]`` -> ``[n, d]``."""
         a = activation(self, self.spec, h)
         keep = torch.zeros(h.shape[0], self.experts, dtype=torch.bool, device=h.device).scatter_(1, sel, True)
         keep = keep[:, self.assignment]

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 
-def balanced_split(w_in: torch.Tensor, experts: int, seed: int = 0, max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced_split(w_in: torch.Tensor, experts: int, seed: int = 0,
+                   max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
     """Split ``d_ff`` neurons into ``experts`` equal clusters of their L2-normalised rows ``w_in`` ``[d_ff, d]``.
 
     Returns ``(assignment, centroids)``: ``assignment`` ``[d_ff]`` int64 in ``[0, experts)`` with every expert

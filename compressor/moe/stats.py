@@ -52,9 +52,13 @@ def expert_targets(a: torch.Tensor, mu: torch.Tensor, assignment: torch.Tensor, 
     return expert_sums(dev.abs() if absolute else dev.square(), assignment, experts)
 
 
-def normalise_targets(s: torch.Tensor) -> torch.Tensor:
-    """Targets in [0, 1] for BCE: divided by the batch maximum (as the reference does)."""
-    return s / s.max().clamp_min(torch.finfo(s.dtype).tiny)
+def normalise_targets(s: torch.Tensor, mode: str = "batch") -> torch.Tensor:
+    """Targets in [0, 1] for BCE: ``s`` ``[n, E]`` divided by the batch maximum (``"batch"``, as the reference does) or
+    each token's row by its own maximum (``"token"``: a few outlier tokens then do not flatten every other target)."""
+    tiny = torch.finfo(s.dtype).tiny
+    if mode == "token":
+        return s / s.amax(dim=-1, keepdim=True).clamp_min(tiny)
+    return s / s.max().clamp_min(tiny)
 
 
 def target_recall(logits: torch.Tensor, s: torch.Tensor, top: float = 0.2) -> float:

@@ -3,7 +3,7 @@
 Data: FFN inputs ``x`` ``[n, d]`` and targets ``s`` ``[n, E]`` (``stats.expert_targets``), already on the
 training device; ``holdout`` of the tokens (seeded) choose the epoch kept: the one with the best
 held-out recall of target mass in the router's top ``recall_top`` experts. Loss: BCE-with-logits
-against ``s`` divided by the batch maximum; Adam. Source: G-MoEfication's router recipe
+against ``s`` divided by the batch maximum (or per token: ``target_norm``); Adam. Source: G-MoEfication's router recipe
 (algorithms.md section 5).
 """
 
@@ -48,9 +48,9 @@ class TokenBatches(IterableDataset):
 class RouterFit(LightningModule):
     """One router trained on ``(x, s)`` batches; keeps the state of its best held-out epoch."""
 
-    def __init__(self, router: Router, lr: float, recall_top: float):
+    def __init__(self, router: Router, lr: float, recall_top: float, target_norm: str = "batch"):
         super().__init__()
-        self.router, self.lr, self.recall_top = router, lr, recall_top
+        self.router, self.lr, self.recall_top, self.target_norm = router, lr, recall_top, target_norm
         self.best_recall = -1.0
         self.best_epoch = -1
         self.best_state: dict | None = None
@@ -60,7 +60,7 @@ class RouterFit(LightningModule):
 
     def training_step(self, batch, _):
         x, s = batch
-        loss = F.binary_cross_entropy_with_logits(self.router(x), normalise_targets(s))
+        loss = F.binary_cross_entropy_with_logits(self.router(x), normalise_targets(s, self.target_norm))
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=x.shape[0])
         return loss
 
@@ -116,7 +116,7 @@ def fit_router(centroids: torch.Tensor, x: torch.Tensor, s: torch.Tensor, cfg: M
         return router, info
     train = TokenBatches((xt, st), cfg.batch_size, shuffle=True, seed=cfg.seed)
     held = TokenBatches((xh, sh), 8192, shuffle=False)
-    module = RouterFit(router, cfg.lr, cfg.recall_top)
+    module = RouterFit(router, cfg.lr, cfg.recall_top, cfg.target_norm)
     # the start competes too: training never leaves a router worse on held-out tokens than its centroid init
     module.best_recall, module.best_state = recall_init, {k: v.clone() for k, v in router.state_dict().items()}
     t = time.perf_counter()
