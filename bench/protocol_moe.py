@@ -183,7 +183,11 @@ def main() -> None:
 
 
 def plot(records: list[dict], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
