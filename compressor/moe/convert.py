@@ -1,4 +1,4 @@
-"""Converting a model's FFNs block by block, on the project's block walk (``compressor.sequential``).
+"""Converting a model's FFNs block by block, on the project's block engine (``compressor.engine``).
 
 Per block: one forward of the calibration stream (``advance``) with hooks on the FFN that record its
 inputs ``x`` and the activation ``a`` entering the down projection: ``mu`` from every token, ``x``
@@ -25,7 +25,7 @@ from compressor.moe.module import MoEFFN
 from compressor.moe.split import balanced_split, check_assignment
 from compressor.moe.stats import MeanAccumulator, expert_targets
 from compressor.moe.train import fit_router
-from compressor.sequential import advance, capture_block_inputs, choose_store_device
+from compressor.engine import advance, capture_block_inputs, choose_store_device
 from compressor.streaming import HostHome
 
 log = logging.getLogger(__name__)
