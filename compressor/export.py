@@ -19,6 +19,7 @@ engine serves 2:4 (or other) sparsity from this format today, so sparsity saves 
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,21 @@ def check_export(output, quantization, model_type: str) -> None:
     if model_type in CONV1D_FAMILIES:
         raise ConfigError(f"output.format='compressed-tensors' packs nn.Linear layers; model family {model_type!r} "
                           f"uses Conv1D: use output.format=hf")
+
+
+def load_kwargs(folder: str | Path) -> dict:
+    """``from_pretrained`` arguments for a model folder: a compressed-tensors checkpoint loads decompressed (plain
+    weights in every nn.Linear, as the pipeline and ``validate`` read them); anything else loads as it is."""
+    path = Path(folder) / "config.json"
+    try:
+        quant = json.loads(path.read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return {}
+    if quant.get("quant_method") != "compressed-tensors":
+        return {}
+    from transformers import CompressedTensorsConfig
+
+    return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
 
 
 def w4a16_scheme(group_size: int):

@@ -8,9 +8,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compressor.config import CalibrationConfig, ConfigError, EvaluationConfig, OutputConfig, PruningConfig
+from compressor.config import (
+    CalibrationConfig,
+    ConfigError,
+    EvaluationConfig,
+    ModelConfig,
+    OutputConfig,
+    PruningConfig,
+)
 from compressor.export import check_export, export_w4a16, export_w8a8, w4a16_layers, w4a16_scheme
 from compressor.models.adapters import ModelAdapter
+from compressor.models.loading import load_model
 from compressor.quant.int4 import QuantizationConfig, quantize_rtn
 from conftest import tiny_llama
 
@@ -177,3 +185,7 @@ def test_pipeline_writes_a_compressed_tensors_model(tmp_path):
     ids = torch.randint(0, len(tok), (1, 16))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model.cpu()(ids).logits)
+    # the project's loader (validate, fit) reads it decompressed: plain weights, equal to ours
+    ours, _ = load_model(ModelConfig(name_or_path=str(tmp_path / "out" / "model")))
+    for name, module in ModelAdapter(model).iter_linears():
+        assert torch.equal(ours.get_submodule(name).weight, module.weight), name
