@@ -128,6 +128,9 @@ def main() -> None:
         if summaries[-1]["eval_seconds"] is None:
             summaries[-1]["eval_seconds"] = summaries[-1]["seconds"]
         print(json.dumps(summaries[-1]), flush=True)
+        rank = {name: i for i, name in enumerate(SETTINGS + [n for n in args.settings if n not in SETTINGS])}
+        summaries.sort(key=lambda x: rank.get(x["setting"], len(rank)))
+        records.sort(key=lambda x: rank.get(x["setting"], len(rank)))
         atomic_write_json(out, {
             "machine": machine_name(device), "date": datetime.date.today().isoformat(),
             "command": "python " + " ".join(sys.argv), "harness": harness_version(), "num_fewshot": 0,
