@@ -14,6 +14,7 @@ HUB_DATASETS = ("wikitext2", "c4", "ptb")
 GENERATED = "generated"
 DTYPES = ("float32", "bfloat16", "float16")
 PACKAGED_MODEL = "smollm2"
+OUTPUT_FORMATS = ("hf", "compressed-tensors")
 
 
 class ConfigError(ValueError):
@@ -199,10 +200,29 @@ class EvaluationConfig:
     """Held-out windows (from the first evaluation corpus) for per-block reconstruction error; 0 disables."""
     dense_baseline: bool = True
     """Also measure the dense model first, for a side-by-side summary."""
+    tasks: list[str] = field(default_factory=list)
+    """Zero-shot tasks run through lm-evaluation-harness on the model in memory, offline: boolq, rte, hellaswag,
+    winogrande, arc_easy, arc_challenge, openbookqa, lambada_openai, piqa, copa (hellaswag's data is a derived
+    form). Empty list: none."""
+    tasks_dir: str = "../shared/data/zeroshot"
+    """Folder holding the tasks' JSONL files (relative: to the working directory, else to the folder holding this
+    checkout)."""
+    tasks_limit: int | None = None
+    """Score only the first N documents of each task's split (default: the full split)."""
+    tasks_batch_size: int = 8
+    """Requests per forward pass in the harness."""
 
     def __post_init__(self):
         for s in self.datasets:
             _check_source(s, "evaluation.datasets")
+        if self.tasks_limit is not None and self.tasks_limit < 1:
+            raise ConfigError(f"evaluation.tasks_limit={self.tasks_limit} must be >= 1 (or null for full splits)")
+        if self.tasks_batch_size < 1:
+            raise ConfigError(f"evaluation.tasks_batch_size={self.tasks_batch_size} must be >= 1")
+        if self.tasks:
+            from compressor.zeroshot.tasks import check_tasks
+
+            check_tasks(list(self.tasks), self.tasks_dir)
         if self.seqlen is not None and self.seqlen < 2:
             raise ConfigError(f"evaluation.seqlen={self.seqlen} must be >= 2")
         if self.max_windows is not None and self.max_windows < 1:
@@ -224,6 +244,14 @@ class OutputConfig:
     """Checkpoint every finished block to dir/checkpoints; rerunning the same command resumes from them."""
     start_over: bool = False
     """Discard the checkpoints in dir instead of resuming (needed when config or data changed)."""
+    format: str = "hf"
+    """How model/ is written: 'hf' (plain Hugging Face safetensors, dequantized weights) or 'compressed-tensors'
+    (INT4 layers as W4A16 pack-quantized groups through the compressed-tensors library, for vLLM; needs
+    quantization.symmetric=true and bits=4). Sparse zeros stay in the weights either way."""
+
+    def __post_init__(self):
+        if self.format not in OUTPUT_FORMATS:
+            raise ConfigError(f"output.format={self.format!r} is unknown: choose one of {', '.join(OUTPUT_FORMATS)}")
 
 
 @dataclass

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from compressor import zeroshot
 from compressor.checkpoint import BlockCheckpoints, tensor_fingerprint
 from compressor.config import (
     GENERATED,
@@ -28,6 +29,7 @@ from compressor.config import (
 )
 from compressor.data.calibration import calibration_windows, evaluation_windows
 from compressor.evaluation import perplexity
+from compressor.export import check_export, export_w4a16
 from compressor.io import atomic_write, atomic_write_dir, atomic_write_json
 from compressor.models.adapters import ModelAdapter, check_supported, max_context, weight_of
 from compressor.models.loading import load_config, load_model
@@ -82,6 +84,7 @@ def preflight(settings: RunSettings):
     for name, value in checks:
         if limit is not None and value > limit:
             raise ConfigError(f"{name}={value} is above the model's context of {limit} tokens: use at most {limit}")
+    check_export(settings.output, settings.quantization, config.model_type)
     out = Path(settings.output.dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output.dir={settings.output.dir!r} exists and is not a folder")
@@ -207,11 +210,13 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
         timings["data"] = time.perf_counter() - t
 
         ppl_dense: dict[str, float] = {}
+        zs_dense = None
         t = time.perf_counter()
         if settings.evaluation.dense_baseline and not settings.schedule.dry_run:
             for name, windows in corpora.items():
                 ppl_dense[name] = perplexity(model, windows, device, progress=progress, desc=f"dense ppl {name}")
                 log.info("dense perplexity on %s: %.3f", name, ppl_dense[name])
+            zs_dense = zeroshot.measure(settings.evaluation, model, tokenizer, device, "dense")
         timings["dense_eval"] = time.perf_counter() - t
 
         schedule = None
@@ -253,6 +258,7 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
         for name, windows in corpora.items():
             ppl[name] = perplexity(model, windows, device, progress=progress, desc=f"compressed ppl {name}")
             log.info("compressed perplexity on %s: %.3f", name, ppl[name])
+        zs = zeroshot.measure(settings.evaluation, model, tokenizer, device, "compressed")
         timings["eval"] = time.perf_counter() - t
 
         per_layer = {f"{adapter.block_path}.{b.index}.{n}": s for b in blocks for n, s in b.sparsity.items()}
@@ -283,6 +289,7 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
             "blocks": [asdict(b) for b in blocks],
             "perplexity": {"dense": ppl_dense, "compressed": ppl,
                            "windows": {k: list(v.shape) for k, v in corpora.items()}},
+            "zeroshot": zeroshot.section(settings.evaluation, dense=zs_dense, compressed=zs),
             "timings": timings,
             "resumed_blocks": len(finished),
             "peak_memory": peak_memory(device),
@@ -357,6 +364,7 @@ def quantization_summary(cfg: QuantizationConfig, pruner: SequentialPruner, bloc
             groups += pruner.quantized[f"{name}.scales"].numel()
     errors = {f"{b.index}.{n}": e for b in blocks for n, e in b.quant_error.items()}
     return {"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "clip": cfg.clip,
+            "symmetric": cfg.symmetric,
             "act_order": cfg.act_order if cfg.method == "gptq" else None, "joint": pruner.joint,
             "bits_per_weight": bits_per_weight(numel, kept, groups, cfg.bits),
             "output_error_total": sum(errors.values()) if errors else None, "layer_output_error": errors}
@@ -372,6 +380,10 @@ def save_outputs(report: dict, model, tokenizer, masks: dict, settings: RunSetti
         model.to("cpu")
 
         def fill(tmp: Path) -> None:
+            if settings.output.format == "compressed-tensors":
+                report["export"] = export_w4a16(model, tokenizer, tmp, quantized, masks,
+                                                settings.quantization.group_size).summary()
+                return
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
 
@@ -421,6 +433,7 @@ def validate(model_cfg: ModelConfig, evaluation: EvaluationConfig, calibration: 
     moe = attach_saved_moe(model, model_cfg.name_or_path)
     corpora = eval_corpora(settings, model, tokenizer, device)
     ppl = {name: perplexity(model, w, device, progress=progress, desc=f"ppl {name}") for name, w in corpora.items()}
+    zs = zeroshot.measure(evaluation, model, tokenizer, device, "model")
     zeros = total = 0
     for _, module in adapter.iter_linears():
         w = weight_of(module)
@@ -429,6 +442,7 @@ def validate(model_cfg: ModelConfig, evaluation: EvaluationConfig, calibration: 
     report = {"model": model_cfg.name_or_path, "family": adapter.model_type, "perplexity": ppl,
               "windows": {k: list(v.shape) for k, v in corpora.items()},
               "linear_sparsity": zeros / max(total, 1), "moe": moe, "machine": machine_name(device),
+              "zeroshot": zeroshot.section(evaluation, model=zs),
               "date": datetime.datetime.now().isoformat(timespec="seconds")}
     atomic_write_json(Path(output.dir) / "validate.json", report)
     from rich.console import Console
@@ -442,5 +456,7 @@ def validate(model_cfg: ModelConfig, evaluation: EvaluationConfig, calibration: 
     table.add_row("sparsity of linear layers", f"{report['linear_sparsity']:.4f}")
     if moe:
         table.add_row("MoE FFNs (experts per token)", f"{moe['k']} of {moe['experts']} ({moe['variant']})")
+    for row in zeroshot.table_rows(report["zeroshot"], ("model",)):
+        table.add_row(*row)
     Console().print(table)
     return report

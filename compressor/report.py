@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from compressor.io import atomic_write
+from compressor.zeroshot.harness import DERIVED_NOTE, table_rows
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ def summary_table(report: dict):
         table.add_row(f"weights: {quant['method']} INT{quant['bits']} g{quant['group_size']}{how}", "32",
                       f"{bpw['total']:.3f} bits/weight (values {bpw['values']:.2f} + mask {bpw['mask']:.2f} "
                       f"+ scales {bpw['scales']:.3f})")
+    for row in table_rows(report.get("zeroshot")):
+        table.add_row(*row)
     t = report["timings"]
     table.add_row("time: pruning / total (s)", "", f"{t['prune']:.1f} / {t['total']:.1f}")
     mem = report["peak_memory"]
@@ -72,6 +75,8 @@ def print_summary(report: dict) -> None:
     Console().print(summary_table(report))
     if "generated" in report.get("perplexity", {}).get("compressed", {}):
         print("Perplexity 'generated' is measured on held-out text the dense model wrote itself (no corpus given).")
+    if (report.get("zeroshot") or {}).get("derived_data"):
+        print(f"Zero-shot: {DERIVED_NOTE}.")
 
 
 def plot_sparsity(per_layer: dict[str, float], path: Path, target: float) -> Path:

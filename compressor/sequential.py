@@ -124,9 +124,9 @@ class SequentialPruner:
             w, mask = weight_of(module).detach().float(), self.masks[full].to(self.device)
             if q.method == "gptq":
                 res = quantize_gptq(w, hessians[name], mask, q.bits, q.group_size, q.percdamp, q.blocksize, q.clip,
-                                    q.act_order)
+                                    q.act_order, symmetric=q.symmetric)
             else:
-                res = quantize_rtn(w, mask, q.bits, q.group_size, q.clip)
+                res = quantize_rtn(w, mask, q.bits, q.group_size, q.clip, symmetric=q.symmetric)
             if name in hessians:
                 report.quant_error[name] = output_error(w, res.dequantized, hessians[name])
             self._store_quantized(full, module, res)

@@ -242,3 +242,37 @@ def test_graphed_column_loop_equals_the_plain_loop_on_a_gpu(monkeypatch):
     for a, b in [*zip(graphed, plain), (graphed_gptq, plain_gptq)]:
         assert torch.equal(a.codes, b.codes) and torch.equal(a.mask, b.mask)
         assert torch.equal(a.dequantized, b.dequantized)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "gptq-act-order", "joint"])
+def test_symmetric_grids_fix_the_zero_point_at_eight(method):
+    w, mask, h = pruned_layer(cols=256)
+    if method == "rtn":
+        q = quantize_rtn(w, mask, 4, 128, symmetric=True)
+    elif method == "joint":
+        (q,) = sparsegpt_gptq_shared([w], h, 0.5, QuantizationConfig(method="gptq", symmetric=True))
+        mask = q.mask
+    else:
+        q = quantize_gptq(w, h, mask, 4, 128, act_order=method == "gptq-act-order", symmetric=True)
+    group = torch.arange(256) // 128
+    assert (q.zeros == 8).all() and int(q.codes.max()) <= 15
+    assert torch.equal(q.dequantized, (q.codes.float() - 8) * q.scales[:, group] * mask)  # codes -8..7 around 0
+    assert torch.equal(q.scales, q.scales.half().float())  # stored as fp16
+    deq, unpacked_mask = unpack_layer(pack_layer(q.codes, mask, q.scales, q.zeros), 128)
+    assert torch.equal(deq, q.dequantized) and torch.equal(unpacked_mask, mask)
+    if method == "rtn":  # scale = 2 max|w| / 15 per group; every kept weight within half a step (+ the scale's
+        # fp16 rounding, up to 2^-11 relative, times the 7.5 steps of the largest weight)
+        amax = torch.stack([(w[:, g * 128:(g + 1) * 128].abs() * mask[:, g * 128:(g + 1) * 128]).amax(1)
+                            for g in range(2)], 1)
+        assert torch.allclose(q.scales, 2 * amax / 15, rtol=1e-3)
+        err = (w - q.dequantized).abs()[mask]
+        assert (err <= q.scales[:, group][mask] * (0.5 + 7.5 * 2**-11)).all()
+
+
+def test_gptq_honours_the_symmetric_grid_and_beats_rtn_on_it():
+    w, mask, h = pruned_layer()
+    rtn = output_error(w, quantize_rtn(w, mask, 4, 128, symmetric=True).dequantized, h)
+    gptq = output_error(w, quantize_gptq(w, h, mask, 4, 128, act_order=True, symmetric=True).dequantized, h)
+    asym = output_error(w, quantize_gptq(w, h, mask, 4, 128, act_order=True).dequantized, h)
+    assert gptq < 0.7 * rtn
+    assert asym < gptq  # the fixed zero point costs accuracy: symmetric is an opt-in for engines that need it

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from compressor.config import PACKAGED_MODEL, ConfigError, ModelConfig
+from compressor.export import load_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ def load_model(cfg: ModelConfig):
 
     kw = _kwargs(cfg)
     tokenizer = AutoTokenizer.from_pretrained(**kw)
-    model = AutoModelForCausalLM.from_pretrained(**kw, dtype=getattr(torch, cfg.dtype))
+    model = AutoModelForCausalLM.from_pretrained(**kw, **load_kwargs(kw["pretrained_model_name_or_path"]),
+                                                 dtype=getattr(torch, cfg.dtype))
     model.eval()
     model.config.use_cache = False
     if kw.get("gguf_file"):

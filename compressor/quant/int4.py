@@ -3,7 +3,9 @@
 Asymmetric per-row groups of ``group_size`` input columns: ``scale = (max - min) / (2^bits - 1)`` and an
 integer zero point, both from the *kept* weights of the group (pruned weights are recorded by the
 mask, so they need not be representable). Dequantized ``(q - zero) * scale`` times the mask:
-pruned weights stay exactly zero.
+pruned weights stay exactly zero. Symmetric groups (``symmetric``) fix the zero point at 2^(bits-1) and take
+``scale = 2 max|w| / (2^bits - 1)``: codes -8..7 around zero for 4 bits, GPTQ's symmetric grid and the layout
+GPU W4A16 kernels read (compressed-tensors, vLLM); one parameter per group instead of two, a coarser fit.
 
 GPTQ (Frantar et al. 2023) quantizes the columns left to right and spreads each column's rounding
 error over the columns to its right through the upper Cholesky factor U of H^-1, the same factor
@@ -55,6 +57,10 @@ class QuantizationConfig:
     """Choose each group's range by a small search over shrink factors (least rounding error) instead of min-max."""
     act_order: bool = True
     """GPTQ: quantize columns by decreasing Hessian diagonal, with each group's grid fixed before the sweep."""
+    symmetric: bool = False
+    """Symmetric groups: zero point fixed at 2^(bits-1), scale 2*max|w|/(2^bits-1) (the layout vLLM's W4A16
+    kernels take; needed by output.format=compressed-tensors). False: each group's own min-max range and zero
+    point (a closer fit)."""
     joint: bool = True
     """GPTQ with unstructured SparseGPT and no reconstruction: prune and quantize in one sweep, with this section's
     blocksize, percdamp and act_order (pruning's are not used then; a differing one is logged). False, or N:M, or
@@ -94,15 +100,17 @@ class Quantized:
 SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 
 
-def group_grid(w: torch.Tensor, mask: torch.Tensor, bits: int, clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point ``[rows]`` of one group ``w`` ``[rows, g]`` from its kept weights.
+def group_grid(w: torch.Tensor, mask: torch.Tensor, bits: int, clip: bool = False,
+               symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point ``[rows]`` of one group ``w`` ``[rows, g]`` from its kept weights (``symmetric``: the
+    zero point is 2^(bits-1) and the range +-max|w|).
 
     ``clip``: also try the range shrunk by each factor of ``SHRINKS`` and keep, per row, the one with the least
     squared rounding error of the kept weights (clipping a few extremes buys a finer step for the rest)."""
     if clip:
         best = None
         for shrink in SHRINKS:
-            scale, zero = _minmax_grid(w, mask, bits, shrink)
+            scale, zero = _minmax_grid(w, mask, bits, shrink, symmetric)
             q = quantize_column(w, scale.unsqueeze(1), zero.unsqueeze(1), bits)
             err = (((q - zero.unsqueeze(1)) * scale.unsqueeze(1) - w).square() * mask).sum(1)
             if best is None:
@@ -112,15 +120,21 @@ def group_grid(w: torch.Tensor, mask: torch.Tensor, bits: int, clip: bool = Fals
                 best = (torch.where(better, err, best[0]), torch.where(better, scale, best[1]),
                         torch.where(better, zero, best[2]))
         return best[1], best[2]
-    return _minmax_grid(w, mask, bits, 1.0)
+    return _minmax_grid(w, mask, bits, 1.0, symmetric)
 
 
-def _minmax_grid(w: torch.Tensor, mask: torch.Tensor, bits: int, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _minmax_grid(w: torch.Tensor, mask: torch.Tensor, bits: int, shrink: float,
+                 symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     maxq = 2**bits - 1
     big = torch.finfo(w.dtype).max
     lo = torch.where(mask, w, torch.full_like(w, big)).amin(1)
     hi = torch.where(mask, w, torch.full_like(w, -big)).amax(1)
     empty = ~mask.any(1)
+    if symmetric:  # codes -2^(bits-1) .. 2^(bits-1)-1 around a fixed zero; +max|w| rounds to the top code
+        amax = torch.where(empty, 0.0, torch.maximum(lo.abs(), hi.abs())) * shrink
+        scale = torch.where(amax > 0, 2 * amax / maxq, torch.ones_like(amax))
+        scale = scale.to(torch.float16).float().clamp_min(2.0**-24)
+        return scale, torch.full_like(scale, float(2 ** (bits - 1)))
     # the range always holds 0, so the integer zero point lies in [0, maxq] (a group whose kept weights share
     # one sign would otherwise need a zero point outside the code range and be clipped)
     lo = torch.where(empty, 0.0, lo).clamp_max(0.0) * shrink
@@ -144,10 +158,10 @@ def _grid_shapes(rows: int, cols: int, group: int, device) -> tuple[torch.Tensor
 
 
 def quantize_rtn(weight: torch.Tensor, mask: torch.Tensor, bits: int = 4, group_size: int = 128,
-                 clip: bool = False) -> Quantized:
+                 clip: bool = False, symmetric: bool = False) -> Quantized:
     """Round every kept weight of ``weight`` ``[rows, cols]`` to its group's grid."""
     w = weight.detach().float()
-    scales, zeros = static_grids(w, mask, bits, group_size, clip)
+    scales, zeros = static_grids(w, mask, bits, group_size, clip, symmetric)
     cols = torch.arange(w.shape[1], device=w.device) // group_size
     scale, zero = scales[:, cols], zeros[:, cols]
     codes = quantize_column(w, scale, zero, bits) * mask
@@ -155,26 +169,26 @@ def quantize_rtn(weight: torch.Tensor, mask: torch.Tensor, bits: int = 4, group_
 
 
 def static_grids(w: torch.Tensor, mask: torch.Tensor, bits: int, group_size: int,
-                 clip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 clip: bool, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales and zero points ``[rows, groups]`` of every group of ``w`` from its kept weights."""
     _, scales, zeros = _grid_shapes(*w.shape, group_size, w.device)
     for g, start in enumerate(range(0, w.shape[1], group_size)):
         sl = slice(start, min(start + group_size, w.shape[1]))
-        scales[:, g], zeros[:, g] = group_grid(w[:, sl], mask[:, sl], bits, clip)
+        scales[:, g], zeros[:, g] = group_grid(w[:, sl], mask[:, sl], bits, clip, symmetric)
     return scales, zeros
 
 
 def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, bits: int = 4,
                   group_size: int = 128, percdamp: float = 0.01, blocksize: int = 128, clip: bool = False,
-                  act_order: bool = False) -> Quantized:
+                  act_order: bool = False, symmetric: bool = False) -> Quantized:
     """GPTQ-style quantization of the kept weights; ``hessian`` ``[cols, cols]`` of the layer's inputs."""
     w = weight.detach().float()
     mask = mask.to(w.device) & (torch.diag(hessian) != 0).to(w.device).unsqueeze(0)
     order, grids = None, None
     if act_order:  # static groups from the weights as they enter, then the sweep in order of decreasing diag(H)
         order = torch.argsort(torch.diag(hessian), descending=True, stable=True).to(w.device)
-        grids = static_grids(w, mask, bits, group_size, clip)
-    return _gptq(w, hessian, mask, bits, group_size, percdamp, blocksize, clip, order, grids)
+        grids = static_grids(w, mask, bits, group_size, clip, symmetric)
+    return _gptq(w, hessian, mask, bits, group_size, percdamp, blocksize, clip, order, grids, symmetric=symmetric)
 
 
 def sparsegpt_gptq_shared(weights: Sequence[torch.Tensor], hessian: torch.Tensor, sparsity: float | Sequence[float],
@@ -200,7 +214,7 @@ def sparsegpt_gptq_shared(weights: Sequence[torch.Tensor], hessian: torch.Tensor
                                     cfg.percdamp, act_order=cfg.act_order)
     grid_w, grid_mask = torch.cat([x for x, _ in pruned]), torch.cat([m for _, m in pruned])
     del pruned
-    grids = static_grids(grid_w, grid_mask, cfg.bits, cfg.group_size, cfg.clip)
+    grids = static_grids(grid_w, grid_mask, cfg.bits, cfg.group_size, cfg.clip, cfg.symmetric)
     del grid_w, grid_mask
     keep = (torch.diag(h) != 0).unsqueeze(0).expand_as(w).clone()
     res = _gptq(w, h, keep, cfg.bits, cfg.group_size, cfg.percdamp, cfg.blocksize, cfg.clip, order, grids,
@@ -211,7 +225,8 @@ def sparsegpt_gptq_shared(weights: Sequence[torch.Tensor], hessian: torch.Tensor
 
 
 def _gptq(w: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, bits: int, group_size: int, percdamp: float,
-          blocksize: int, clip: bool, order: torch.Tensor | None = None, grids=None, choose=None) -> Quantized:
+          blocksize: int, clip: bool, order: torch.Tensor | None = None, grids=None, choose=None,
+          symmetric: bool = False) -> Quantized:
     """The GPTQ sweep over the columns of ``w`` (fp32) in ``order`` (default: left to right).
 
     ``grids``: ``(scales, zeros)`` fixed beforehand; without, a group's grid is taken when the sweep reaches its
@@ -251,7 +266,8 @@ def _gptq(w: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, bits: int,
             deq_blk = torch.empty_like(w_blk)
             for j0 in range(0, end - start, group_size):
                 g, j1 = (start + j0) // group_size, min(j0 + group_size, end - start)
-                scales[:, g], zeros[:, g] = group_grid(w_blk[:, j0:j1], keep_p[:, start + j0 : start + j1], bits, clip)
+                scales[:, g], zeros[:, g] = group_grid(w_blk[:, j0:j1], keep_p[:, start + j0 : start + j1], bits, clip,
+                                                       symmetric)
                 _sweep(w_blk, u_blk, scales[:, g : g + 1].expand(-1, end - start),
                        zeros[:, g : g + 1].expand(-1, end - start), kept_blk, maxq, (j0, j1), deq_blk, err_t)
             w[:, start:end] = deq_blk
