@@ -27,9 +27,9 @@ from compressor.config import (
     RuntimeConfig,
 )
 from compressor.data.calibration import calibration_windows, evaluation_windows
+from compressor.data.text import window_bos
 from compressor.evaluation import perplexity
 from compressor.io import atomic_write, atomic_write_dir, atomic_write_json
-from compressor.data.text import window_bos
 from compressor.models.adapters import ModelAdapter, check_supported, max_context, weight_of
 from compressor.models.checks import check_layer_shapes
 from compressor.models.identity import model_identity
