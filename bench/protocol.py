@@ -113,13 +113,14 @@ def main() -> None:
         n_recon = args.recon_samples + args.recon_generated
         recon_calib = CalibrationConfig(
             sources=recon_sources, weights=[args.recon_samples, args.recon_generated] if args.recon_generated else None,
-            num_samples=n_recon, seqlen=1024, seed=0,
+            num_samples=n_recon, seqlen=1024, seed=0, bos="never",
             generation=GenerationConfig(batch_size=64, cache_dir=os.path.join(args.workdir, "generated")))
         run = RunSettings(
             model=model_cfg,
             pruning=pruning,
-            calibration=CalibrationConfig(sources=[calib_file], num_samples=args.samples, seqlen=2048, seed=0),
-            evaluation=EvaluationConfig(datasets=[eval_file], heldout_samples=16,
+            calibration=CalibrationConfig(sources=[calib_file], num_samples=args.samples, seqlen=2048, seed=0,
+                                          bos="never"),  # the classic protocol: no BOS per window
+            evaluation=EvaluationConfig(datasets=[eval_file], heldout_samples=16, bos="never",
                                         dense_baseline=(i == 0 and not args.no_dense), max_windows=args.max_windows),
             output=OutputConfig(dir=os.path.join(args.workdir, f"{text.replace(':', '_')}"),
                                 save_model=False, save_masks=False, start_over=True),

@@ -2,7 +2,9 @@
 
 After each finished block its weights and masks go to ``checkpoints/block_XXX.safetensors`` and
 then ``manifest.json`` records it (both written atomically, file before manifest), with the
-config and its hash, the data fingerprint, seeds and library versions. A block counts as done
+config and its hash, the model's identity (a fingerprint of its weights, per tensor: a model
+changed in place is another model, the same weights moved elsewhere are the same), the data
+fingerprint, seeds and library versions. A block counts as done
 only once the manifest names it and its file's checksum matches, so a kill at any instant leaves
 either the old state or the new one.
 """
@@ -20,12 +22,15 @@ import torch
 
 from compressor.config import ConfigError
 from compressor.io import atomic_write, atomic_write_json
+from compressor.models.identity import describe_change
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 # settings that do not change the compressed weights (a resume may change them freely)
 _FREE = ("output", "evaluation")
+# where the model comes from: its identity (the weights' fingerprint) is compared instead
+_MODEL_SOURCE = ("name_or_path", "gguf_file", "revision", "tokenizer", "trust_remote_code")
 
 
 def relevant_settings(settings) -> dict:
@@ -33,6 +38,8 @@ def relevant_settings(settings) -> dict:
     for key in _FREE:
         d.pop(key, None)
     d.get("runtime", {}).pop("track_error", None)
+    for key in _MODEL_SOURCE:
+        d.get("model", {}).pop(key, None)
     return d
 
 
@@ -68,8 +75,12 @@ def _file_sha(path: Path) -> str:
 class BlockCheckpoints:
     """Reads and writes one run's per-block checkpoints under ``folder``."""
 
-    def __init__(self, folder: Path, settings, data_fingerprint: str, schedule: dict[str, float] | None = None):
+    def __init__(self, folder: Path, settings, data_fingerprint: str, schedule: dict[str, float] | None = None,
+                 model_identity: dict | None = None):
+        """``model_identity``: ``compressor.models.identity.model_identity`` of the model being compressed."""
         self.folder = Path(folder)
+        self.model = model_identity
+        self.model_source = getattr(getattr(settings, "model", None), "name_or_path", None)
         self.schedule = schedule
         self.saved_schedule: dict[str, float] | None = None  # what an earlier run's manifest recorded
         self.config = relevant_settings(settings)
@@ -79,7 +90,8 @@ class BlockCheckpoints:
 
     def _manifest(self) -> dict:
         return {
-            "config_hash": self.config_hash, "config": self.config, "data_fingerprint": self.data_fingerprint,
+            "config_hash": self.config_hash, "config": self.config, "model": self.model,
+            "data_fingerprint": self.data_fingerprint,
             "seeds": {"calibration": self.config["calibration"]["seed"],
                       "reconstruction": self.config["reconstruction"]["seed"]},
             "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
@@ -90,7 +102,8 @@ class BlockCheckpoints:
     def resume(self, start_over: bool = False) -> list[dict]:
         """Finished blocks recorded by an earlier run of the same config and data ([] for a fresh start).
 
-        Raises ConfigError naming what changed when the folder holds a different run, unless ``start_over``.
+        Raises ConfigError naming what changed when the folder holds a different run (another model, config or
+        data), unless ``start_over``.
         """
         path = self.folder / MANIFEST
         for stale in self.folder.glob(".*.tmp"):  # a killed writer's leftovers: never trusted, removed
@@ -100,6 +113,11 @@ class BlockCheckpoints:
             return []
         old = json.loads(path.read_text())
         self.saved_schedule = old.get("schedule")
+        if self.model is not None and (old.get("model") or {}).get("fingerprint") != self.model["fingerprint"]:
+            raise ConfigError(
+                f"{self.folder} holds checkpoints of another model: the model at {self.model_source!r} is not the one "
+                f"they were made from ({describe_change(old.get('model'), self.model)}); restore that model, or set "
+                "output.start_over=true to discard them and compress this one from scratch")
         changes = []
         if old.get("config_hash") != self.config_hash:
             a, b = _flatten(old.get("config", {})), _flatten(self.config)

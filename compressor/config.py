@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 METHODS = ("magnitude", "wanda", "sparsegpt")
 HUB_DATASETS = ("wikitext2", "c4", "ptb")
 GENERATED = "generated"
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+BOS_MODES = ("auto", "always", "never")
 PACKAGED_MODEL = "smollm2"
 OUTPUT_FORMATS = ("hf", "compressed-tensors")
 
@@ -44,6 +45,11 @@ def _check_source(name: str, where: str) -> None:
         )
 
 
+def _check_bos(mode: str, where: str) -> None:
+    if mode not in BOS_MODES:
+        raise ConfigError(f"{where}={mode!r} is not valid: choose one of {', '.join(BOS_MODES)}")
+
+
 @dataclass
 class ModelConfig:
     """The model to compress or evaluate."""
@@ -53,19 +59,26 @@ class ModelConfig:
     a local model folder, a compressed output folder, or a .gguf file."""
     gguf_file: str | None = None
     """GGUF file name inside a hub repo or folder given by name_or_path (optional)."""
-    dtype: str = "float32"
-    """Weights dtype while compressing: float32, bfloat16 or float16. Pruning math always runs in fp32."""
+    dtype: str = "auto"
+    """Weights dtype while compressing and of the saved model: auto (the checkpoint's own, from its config's dtype;
+    float32 for GGUF files, whose weights are dequantized, and where the config records none), float32, bfloat16 or
+    float16. Pruning math always runs in fp32."""
     revision: str | None = None
     """Hub revision (branch, tag or commit)."""
     trust_remote_code: bool = False
+    tokenizer: str | None = None
+    """Where to take the tokenizer from when name_or_path has none (e.g. a training checkpoint): a folder, a hub id
+    or a .gguf file. Default: name_or_path."""
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype={self.dtype!r} is not valid: choose one of {', '.join(DTYPES)}")
-        path = os.path.expanduser(self.name_or_path)
-        looks_local = self.name_or_path.startswith((".", "/", "~")) or self.name_or_path.endswith(".gguf")
-        if looks_local and not os.path.exists(path):
-            raise ConfigError(f"model.name_or_path={self.name_or_path!r}: no such file or folder")
+        for key, value in (("name_or_path", self.name_or_path), ("tokenizer", self.tokenizer)):
+            if value is None:
+                continue
+            looks_local = value.startswith((".", "/", "~")) or value.endswith(".gguf")
+            if looks_local and not os.path.exists(os.path.expanduser(value)):
+                raise ConfigError(f"model.{key}={value!r}: no such file or folder")
 
 
 @dataclass
@@ -164,11 +177,16 @@ class CalibrationConfig:
     seed: int = 0
     text_field: str = "text"
     """Field holding the text in JSONL/JSON records."""
+    bos: str = "auto"
+    """Whether every window starts with the tokenizer's BOS token (keeping seqlen tokens): auto (when the tokenizer
+    adds BOS by default, as Gemma's and Llama's do), always, or never (windows cut from the tokenized text as is:
+    the classic SparseGPT/Wanda protocol)."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def __post_init__(self):
         if isinstance(self.generation, dict):
             self.generation = GenerationConfig(**self.generation)
+        _check_bos(self.bos, "calibration.bos")
         if not self.sources:
             raise ConfigError("calibration.sources is empty: give at least one source")
         for s in self.sources:
@@ -211,8 +229,12 @@ class EvaluationConfig:
     """Score only the first N documents of each task's split (default: the full split)."""
     tasks_batch_size: int = 8
     """Requests per forward pass in the harness."""
+    bos: str = "auto"
+    """Whether every evaluation window starts with the tokenizer's BOS token: auto (when the tokenizer adds BOS by
+    default), always, or never (windows cut from the tokenized text as is: the classic protocol)."""
 
     def __post_init__(self):
+        _check_bos(self.bos, "evaluation.bos")
         for s in self.datasets:
             _check_source(s, "evaluation.datasets")
         if self.tasks_limit is not None and self.tasks_limit < 1:

@@ -28,11 +28,14 @@ from compressor.config import (
     RuntimeConfig,
 )
 from compressor.data.calibration import calibration_windows, evaluation_windows
+from compressor.data.text import window_bos
 from compressor.evaluation import perplexity
 from compressor.export import check_export, export_w4a16
 from compressor.io import atomic_write, atomic_write_dir, atomic_write_json
 from compressor.models.adapters import ModelAdapter, check_supported, max_context, weight_of
-from compressor.models.loading import load_config, load_model
+from compressor.models.checks import check_layer_shapes
+from compressor.models.identity import model_identity
+from compressor.models.loading import check_tokenizer_present, load_config, load_model
 from compressor.moe.config import MoEConfig
 from compressor.quant.int4 import QuantizationConfig, bits_per_weight
 from compressor.reconstruction.module import ReconstructionConfig
@@ -63,10 +66,13 @@ class RunSettings:
 
 
 def preflight(settings: RunSettings):
-    """Every check that needs no weights: family, context length, output folder. Returns the model config."""
+    """Every check that needs no weights: family, tokenizer files, every layer's shape against the settings
+    (on the meta device), context length, output folder. Returns the model config."""
     settings.schedule.check(settings.pruning.target_sparsity, settings.pruning.nm)
     config = load_config(settings.model)
     check_supported(config.model_type)
+    check_tokenizer_present(settings.model)
+    check_layer_shapes(config, settings.pruning, settings.model.trust_remote_code)
     if settings.moe.enabled:
         from compressor.models.adapters import BLOCK_PATHS
         from compressor.moe.config import check_width
@@ -154,17 +160,20 @@ def parameter_counts(model) -> tuple[int, int]:
     return total, nonzero
 
 
-def model_id(cfg: ModelConfig) -> str:
-    return f"{cfg.name_or_path}|{cfg.gguf_file}|{cfg.revision}"
+def bos_used(tokenizer, mode: str) -> dict:
+    """What the report records of a ``bos`` setting: the setting and the token each window starts with (None: none
+    added, the windows are cut from the text as tokenized)."""
+    return {"setting": mode, "token_id": window_bos(tokenizer, mode)}
 
 
-def eval_corpora(settings: RunSettings, model, tokenizer, device) -> dict[str, torch.Tensor]:
+def eval_corpora(settings: RunSettings, model, tokenizer, device, model_key: str) -> dict[str, torch.Tensor]:
+    """Evaluation windows per corpus; ``model_key``: the model's fingerprint (keys the generated-text cache)."""
     ev = settings.evaluation
     seqlen = ev.seqlen or settings.calibration.seqlen
     return {
-        src: evaluation_windows(src, seqlen, tokenizer, model, model_id(settings.model), ev.max_windows,
+        src: evaluation_windows(src, seqlen, tokenizer, model, model_key, ev.max_windows,
                                 ev.generated_samples, settings.calibration.generation, settings.calibration.seed,
-                                device, settings.calibration.text_field)
+                                device, settings.calibration.text_field, ev.bos)
         for src in ev.datasets
     }
 
@@ -177,7 +186,7 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
     started = time.perf_counter()
     timings: dict[str, float] = {}
     out = Path(settings.output.dir)
-    preflight(settings)
+    config = preflight(settings)
     handler = attach_log_file(out / "compress.log")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -190,8 +199,10 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
         log.info("compressing %s with %s %s on %s", settings.model.name_or_path, settings.pruning.method,
                  settings.pruning.label, device)
         t = time.perf_counter()
-        model, tokenizer = model_and_tokenizer or load_model(settings.model)
+        model, tokenizer = model_and_tokenizer or load_model(settings.model, config)
         adapter = ModelAdapter(model)
+        identity = model_identity(model, tokenizer)
+        log.info("model weights in %s, fingerprint %s", identity["dtype"], identity["fingerprint"])
         timings["load"] = time.perf_counter() - t
         check_disk_space(model, settings.output, out, settings.reconstruction.cross_block,
                          settings.quantization.enabled)
@@ -202,11 +213,11 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
         if any(GENERATED in s for s in (settings.calibration.sources, settings.evaluation.datasets,
                                          rc.sources if rc else [])):
             model.to(gen_device)
-        calib = calibration_windows(settings.calibration, model, tokenizer, model_id(settings.model), gen_device)
+        calib = calibration_windows(settings.calibration, model, tokenizer, identity["fingerprint"], gen_device)
         recon_calib = None
         if rc is not None and settings.reconstruction.enabled:
-            recon_calib = calibration_windows(rc, model, tokenizer, model_id(settings.model), gen_device)
-        corpora = eval_corpora(settings, model, tokenizer, gen_device)
+            recon_calib = calibration_windows(rc, model, tokenizer, identity["fingerprint"], gen_device)
+        corpora = eval_corpora(settings, model, tokenizer, gen_device, identity["fingerprint"])
         timings["data"] = time.perf_counter() - t
 
         ppl_dense: dict[str, float] = {}
@@ -232,7 +243,7 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
         checkpoints, finished = None, []
         if settings.output.checkpoint:
             checkpoints = BlockCheckpoints(out / "checkpoints", settings, tensor_fingerprint(calib, recon_calib),
-                                           schedule.sparsity if schedule else None)
+                                           schedule.sparsity if schedule else None, identity)
             finished = checkpoints.resume(settings.output.start_over)
             if finished:
                 log.info("resuming: %d finished blocks loaded from %s", len(finished), out / "checkpoints")
@@ -275,19 +286,21 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
                          "python": platform.python_version()},
             "settings": asdict(settings),
             "model": {"name": settings.model.name_or_path, "family": adapter.model_type,
-                      "blocks": len(adapter.blocks), "parameters": total, "nonzero": nonzero},
+                      "blocks": len(adapter.blocks), "parameters": total, "nonzero": nonzero,
+                      "dtype": identity["dtype"], "fingerprint": identity["fingerprint"]},
             "pruning": {"method": settings.pruning.method, "pattern": settings.pruning.label,
                         "reconstruction": settings.reconstruction.mode, "schedule": settings.schedule.allocator},
             "schedule": schedule.to_dict() if schedule else None,
             "quantization": quantization_summary(settings.quantization, pruner, blocks),
             "moe": moe,
             "calibration": {"sources": settings.calibration.sources, "windows": int(calib.shape[0]),
+                            "bos": bos_used(tokenizer, settings.calibration.bos),
                             "seqlen": int(calib.shape[1]), "tokens": int(calib.numel()),
                             "reconstruction_windows": list(recon_calib.shape) if recon_calib is not None else None},
             "sparsity": {"target": settings.pruning.target_sparsity, "achieved": achieved,
                          "pruned_parameters": pruned_params, "per_layer": per_layer},
             "blocks": [asdict(b) for b in blocks],
-            "perplexity": {"dense": ppl_dense, "compressed": ppl,
+            "perplexity": {"dense": ppl_dense, "compressed": ppl, "bos": bos_used(tokenizer, settings.evaluation.bos),
                            "windows": {k: list(v.shape) for k, v in corpora.items()}},
             "zeroshot": zeroshot.section(settings.evaluation, dense=zs_dense, compressed=zs),
             "timings": timings,
@@ -427,11 +440,12 @@ def validate(model_cfg: ModelConfig, evaluation: EvaluationConfig, calibration: 
     """Perplexity and achieved sparsity of a model or a compressed output folder; writes ``validate.json``."""
     device = torch.device(device)
     settings = RunSettings(model=model_cfg, evaluation=evaluation, calibration=calibration, output=output)
-    preflight(settings)
-    model, tokenizer = load_model(model_cfg)
+    config = preflight(settings)
+    model, tokenizer = load_model(model_cfg, config)
     adapter = ModelAdapter(model)
     moe = attach_saved_moe(model, model_cfg.name_or_path)
-    corpora = eval_corpora(settings, model, tokenizer, device)
+    identity = model_identity(model, tokenizer)
+    corpora = eval_corpora(settings, model, tokenizer, device, identity["fingerprint"])
     ppl = {name: perplexity(model, w, device, progress=progress, desc=f"ppl {name}") for name, w in corpora.items()}
     zs = zeroshot.measure(evaluation, model, tokenizer, device, "model")
     zeros = total = 0
@@ -439,7 +453,8 @@ def validate(model_cfg: ModelConfig, evaluation: EvaluationConfig, calibration: 
         w = weight_of(module)
         zeros += int((w == 0).sum())
         total += w.numel()
-    report = {"model": model_cfg.name_or_path, "family": adapter.model_type, "perplexity": ppl,
+    report = {"model": model_cfg.name_or_path, "family": adapter.model_type, "dtype": identity["dtype"],
+              "fingerprint": identity["fingerprint"], "bos": bos_used(tokenizer, evaluation.bos), "perplexity": ppl,
               "windows": {k: list(v.shape) for k, v in corpora.items()},
               "linear_sparsity": zeros / max(total, 1), "moe": moe, "machine": machine_name(device),
               "zeroshot": zeroshot.section(evaluation, model=zs),

@@ -36,6 +36,7 @@ def summary_table(report: dict):
     sp = report["sparsity"]
     table.add_row("sparsity of pruned linears", "0", f"{sp['achieved']:.4f} (target {sp['target']:.4f})")
     table.add_row("nonzero parameters (all)", f"{report['model']['parameters']:,}", f"{report['model']['nonzero']:,}")
+    table.add_row("weights dtype (as saved)", report["model"].get("dtype") or "-", report["model"].get("dtype") or "-")
     blocks = report.get("blocks") or []
     if blocks and blocks[-1].get("calib_rel_error") is not None:
         last = blocks[-1]
@@ -56,7 +57,8 @@ def summary_table(report: dict):
     if quant:
         bpw = quant["bits_per_weight"]
         how = " (one sweep with pruning)" if quant.get("joint") else ""
-        table.add_row(f"weights: {quant['method']} INT{quant['bits']} g{quant['group_size']}{how}", "32",
+        table.add_row(f"weights: {quant['method']} INT{quant['bits']} g{quant['group_size']}{how}",
+                      "16" if report["model"].get("dtype") in ("bfloat16", "float16") else "32",
                       f"{bpw['total']:.3f} bits/weight (values {bpw['values']:.2f} + mask {bpw['mask']:.2f} "
                       f"+ scales {bpw['scales']:.3f})")
     for row in table_rows(report.get("zeroshot")):

@@ -33,7 +33,7 @@ def run_fit(capsys, *args):
     (["--data.calibration.sources", "[missing.txt]"], "'missing.txt' is neither a known dataset"),
     (["--data.evaluation.datasets", "[nope.raw]"], "evaluation.datasets: 'nope.raw'"),
     (["--model.source.name_or_path", "./no/such/model"], "no such file or folder"),
-    (["--model.source.dtype", "int3"], "model.dtype='int3' is not valid: choose one of float32, bfloat16, float16"),
+    (["--model.source.dtype", "int3"], "model.dtype='int3' is not valid: choose one of auto, float32, bfloat16, float16"),
     (["--model.runtime.activations", "disk"], "choose auto, device or cpu"),
 ])
 def test_bad_values_are_named(capsys, args, message):

