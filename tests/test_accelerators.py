@@ -1,5 +1,6 @@
 """``--trainer.accelerator hpu``: lightning-habana's classes where it imports, one line naming the image where not."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -97,9 +98,10 @@ def fake_habana(tmp_path, monkeypatch):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     # PYTHONWARNINGS: Lightning 2.3.3 (the Gaudi pin) warns about pkg_resources on import, on every command
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::UserWarning")
     return subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(ROOT),
-                               "PYTHONWARNINGS": "ignore::UserWarning"})
+                          env=env)
 
 
 @pytest.mark.skipif(HABANA_IMPORTS, reason="lightning_habana is importable here: the refusal cannot show")
