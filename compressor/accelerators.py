@@ -6,9 +6,10 @@ built for Lightning 2.3.x and does not import on Lightning 2.6. So ``hpu`` is re
 of its classes, in the Gaudi image (``docker/Dockerfile.gaudi``) that pins both, and is refused in one line
 elsewhere.
 
-Code that only works on CUDA is kept behind ``device.type == "cuda"`` checks (CUDA graphs in
-``quant/int4.py``, ``torch.cuda`` memory queries in ``pipeline.py``, ``sequential.py`` and
-``reconstruction/fit.py``), so an ``hpu`` device skips it.
+Code that only works on CUDA is kept behind ``device.type == "cuda"`` / ``is_cuda`` checks (CUDA graphs in
+``quant/int4.py``, ``torch.cuda`` memory queries and synchronizations in ``pipeline.py``, ``engine.py``,
+``sequential.py``, ``schedule/schedule.py`` and ``reconstruction/fit.py``, the fused AdamW in
+``reconstruction/module.py``), so an ``hpu`` device skips it.
 """
 
 from __future__ import annotations

@@ -12,10 +12,10 @@ import torch
 from compressor.accelerators import accelerator_for, single_device, trainer_settings
 from compressor.cli import main
 from compressor.config import ConfigError
+from compressor.engine import BlockKwargs, choose_store_device
 from compressor.pipeline import machine_name, peak_memory
 from compressor.reconstruction.fit import fit_window
 from compressor.reconstruction.module import ReconstructionConfig
-from compressor.sequential import choose_store_device
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,7 +159,8 @@ def test_reconstruction_trainer_gets_lightning_habana_classes(fake_habana):
     block = torch.nn.Sequential(torch.nn.Linear(8, 8))
     masked = [(block[0].weight, torch.ones(8, 8, dtype=torch.bool))]
     x = [torch.randn(4, 3, 8)]
-    stats = fit_window([_Block(block)], masked, {(4, 3): {}}, x, [t * 0.5 for t in x],
+    blocks = [_Block(block)]
+    stats = fit_window(blocks, masked, BlockKwargs(blocks, [{(4, 3): {}}]), x, [t * 0.5 for t in x],
                        ReconstructionConfig(mode="br", epochs=1, batch_size=2), "w", accelerator="hpu")
     assert stats["accelerator"] == "HPUAccelerator" and stats["steps"] == 2
     assert {type(m).__name__ for m in fake_habana.made} == {"HPUAccelerator", "SingleHPUStrategy"}
