@@ -133,8 +133,18 @@ def test_gaudi_install_step_resolves_without_replacing_torch(tmp_path):
 
 
 def test_gaudi_pins_have_python_3_10_wheels(tmp_path):
-    """The Gaudi 1.19 image's Python is 3.10: every pin of its install step resolves for it (no dependencies)."""
+    """The Gaudi 1.19 image's Python is 3.10: every pin of its install step resolves for it (no dependencies).
+    pip evaluates environment markers for the running interpreter, not ``--python-version``: lines whose marker
+    excludes 3.10 (compressed-tensors needs 3.11) are left out here as the image's pip leaves them out."""
+    from packaging.requirements import Requirement
+
     args = [a for a in gaudi_install_args(tmp_path) if a not in ("-c", str(tmp_path / "gaudi-keep.txt"))]
+    requirements = tmp_path / "requirements-gaudi.txt"
+    py310 = {"python_version": "3.10", "python_full_version": "3.10.12"}
+    requirements.write_text("".join(
+        line + "\n" for line in requirements.read_text().splitlines()
+        if not line.split("#")[0].strip() or (r := Requirement(line.split("#")[0])).marker is None
+        or r.marker.evaluate(py310)))
     done = pip("install", "--dry-run", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version", "3.10",
                "--target", str(tmp_path / "target"), *args)
     assert done.returncode == 0, done.stderr
