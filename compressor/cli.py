@@ -16,6 +16,7 @@ from jsonargparse import DefaultHelpFormatter, set_parsing_settings
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
+from compressor.accelerators import hpu_overrides
 from compressor.config import (
     CalibrationConfig,
     ConfigError,
@@ -135,6 +136,13 @@ class CompressorCLI(LightningCLI):
     @property
     def device(self):
         return self.trainer.strategy.root_device
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)  # hpu: lightning-habana's classes, or one line why not, before any work
+        self.hpu_settings = hpu_overrides(self.config[self.config.subcommand].trainer)
+
+    def instantiate_trainer(self, **kwargs):
+        return super().instantiate_trainer(**{**kwargs, **self.hpu_settings})
 
     def fit(self, model: CompressionTask, datamodule: CalibrationData, ckpt_path: str | None = None, **_):
         from compressor.pipeline import RunSettings, compress

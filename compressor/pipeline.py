@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from compressor import zeroshot
+from compressor.accelerators import accelerator_for
 from compressor.checkpoint import BlockCheckpoints, tensor_fingerprint
 from compressor.config import (
     GENERATED,
@@ -151,6 +152,8 @@ def peak_memory(device: torch.device) -> dict:
 def machine_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    if device.type == "hpu":
+        return "Intel Gaudi (HPU)"
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
 
 
@@ -181,7 +184,7 @@ def eval_corpora(settings: RunSettings, model, tokenizer, device, model_key: str
 def compress(settings: RunSettings, device: str | torch.device = "cpu", progress: bool = True,
              model_and_tokenizer=None) -> dict:
     """Run the whole compression; returns the report (also written to ``output.dir/report.json``)."""
-    accelerator = {"cuda": "gpu", "cpu": "cpu"}.get(torch.device(device).type, "auto")
+    accelerator = accelerator_for(device)
     device = torch.device(device)
     started = time.perf_counter()
     timings: dict[str, float] = {}

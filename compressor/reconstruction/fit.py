@@ -14,6 +14,7 @@ from lightning.pytorch import Trainer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from compressor.accelerators import trainer_settings
 from compressor.engine import BlockKwargs
 from compressor.reconstruction.module import BlockReconstruction, ReconstructionConfig
 
@@ -95,8 +96,10 @@ def fit_window(
     Lightning defines it: fp32, or fp32 master weights under bf16/fp16 autocast) and the result is written
     back in the storage dtype; pruned weights stay exactly zero through the rounding.
 
-    Returns ``{"seconds", "steps", "first_loss", "last_loss", "peak_gpu_gb"}``; the loss curve goes to
-    CSV and TensorBoard under ``log_dir/name`` when ``log_dir`` is given.
+    Returns ``{"seconds", "steps", "last_epoch_loss", "accelerator", "peak_gpu_gb"}`` (``accelerator``: the
+    Trainer's accelerator class, e.g. ``CPUAccelerator``, ``CUDAAccelerator``, ``HPUAccelerator``); the loss curve
+    goes to CSV and TensorBoard under ``log_dir/name`` when ``log_dir`` is given. ``accelerator="hpu"`` trains
+    with lightning-habana's classes (``compressor.accelerators.trainer_settings``).
     """
     rows = StreamRows(inputs, targets)
     loader = DataLoader(rows, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))
@@ -108,7 +111,7 @@ def fit_window(
 
         loggers = [CSVLogger(log_dir, name=name, version=""), TensorBoardLogger(log_dir, name=name, version="tb")]
     with quiet_lightning():
-        trainer = Trainer(max_epochs=cfg.epochs, accelerator=accelerator, devices=1, precision=cfg.precision,
+        trainer = Trainer(max_epochs=cfg.epochs, **trainer_settings(accelerator, devices=1), precision=cfg.precision,
                           logger=loggers, enable_checkpointing=False, enable_model_summary=False,
                           enable_progress_bar=progress, num_sanity_val_steps=0, log_every_n_steps=1,
                           gradient_clip_val=None, deterministic=deterministic or None)
@@ -126,4 +129,5 @@ def fit_window(
     for p in module.blocks.parameters():
         p.requires_grad_(False)
     return {"seconds": seconds, "steps": steps, "last_epoch_loss": losses[-1] if losses else None,
+            "accelerator": type(trainer.accelerator).__name__,
             "peak_gpu_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}
