@@ -51,7 +51,8 @@ def main() -> None:
         pruning=PruningConfig(method="wanda"),
         calibration=CalibrationConfig(sources=[args.calib], num_samples=48, seqlen=128),
         evaluation=EvaluationConfig(datasets=[], dense_baseline=False),
-        output=OutputConfig(dir=str(work / "out"), plots=False, start_over=True),
+        output=OutputConfig(dir=str(work / "out"), plots=False, start_over=True, overwrite=True,
+                            keep_checkpoints=True),
         runtime=RuntimeConfig(),
         reconstruction=ReconstructionConfig(mode="br", epochs=4, batch_size=4),
     )

@@ -7,13 +7,19 @@ compression on the Trainer's device; ``validate`` measures a model or a compress
 
 from __future__ import annotations
 
-import sys
-from dataclasses import asdict
-
 import argparse
+import errno
+import logging
+import re
+import shlex
+import sys
+import typing
+from argparse import ArgumentError
+from dataclasses import asdict, dataclass, replace
 
 from jsonargparse import DefaultHelpFormatter, set_parsing_settings
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from compressor.accelerators import hpu_overrides
@@ -49,6 +55,14 @@ Examples:
   python cli.py fit --config configs/quickstart.yaml --print_config
 """
 
+VALIDATE_DESCRIPTION = """compressor validate: measure perplexity and the sparsity of the linear layers of a model or a
+compressed output folder (output.dir/model); writes validate.json and prints where.
+
+Examples:
+  python cli.py validate --model.source.name_or_path outputs/quickstart/model
+  python cli.py validate --model.source.name_or_path outputs/quickstart/model \\
+      --data.evaluation.datasets '[my_text.txt]' --data.evaluation.seqlen 512
+"""
 
 # field docstrings of the config dataclasses become the --help text
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -116,22 +130,144 @@ class CalibrationData(LightningDataModule):
         self.recon_calibration = recon_calibration
 
 
+class MeasuredModel(LightningModule):
+    """The model to measure."""
+
+    def __init__(self, source: ModelConfig = ModelConfig()):
+        """
+        Args:
+            source: a model or a compressed output folder (output.dir/model).
+        """
+        super().__init__()
+        self.source = source
+
+
+class EvaluationData(LightningDataModule):
+    """The corpora measured."""
+
+    def __init__(self, evaluation: EvaluationConfig = EvaluationConfig(),
+                 calibration: CalibrationConfig = CalibrationConfig()):
+        """
+        Args:
+            evaluation: perplexity corpora, window length and count.
+            calibration: only seqlen (the default window length), seed and generation (held-out generated text)
+                apply to validate.
+        """
+        super().__init__()
+        self.evaluation = evaluation
+        self.calibration = calibration
+
+
+@dataclass
+class ValidateOutputConfig:
+    """Where validate.json goes."""
+
+    dir: str | None = None
+    """Folder for validate.json (default: the compressed output folder when the model is its model/, else
+    outputs/validate). The path is printed."""
+
+
+class CompressionTrainer(Trainer):
+    """The Trainer settings that apply to the compressor: where it runs."""
+
+    def __init__(self, accelerator: str = "auto", devices: int | str = 1, precision: str | None = None,
+                 strategy: str = "auto"):
+        """
+        Args:
+            accelerator: cpu, gpu (or cuda), or auto (a GPU when one is visible, else the CPU).
+            devices: 1 (one device; multi-GPU runs are not supported yet).
+            precision: fit: precision of reconstruction training (Lightning's: 32-true, bf16-mixed, 16-mixed, ...);
+                sets model.reconstruction.precision. Weights are held in model.source.dtype.
+            strategy: auto (one device; multi-GPU strategies are not supported yet).
+        """
+        check_trainer_settings(accelerator, devices, precision, strategy)
+        self.reconstruction_precision = precision
+        try:
+            super().__init__(accelerator=accelerator, devices=1, strategy=strategy, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        except (MisconfigurationException, ValueError) as exc:
+            raise ConfigError(f"trainer: {exc}") from exc
+
+    def fit(self, model, datamodule=None, ckpt_path: str | None = None):
+        """Compress a model block by block, measure it, save model, masks and report.
+
+        Args:
+            ckpt_path: 'last' only: resume from output.dir/checkpoints (rerunning the same command does the same).
+        """
+        raise NotImplementedError("CompressorCLI.fit runs the pipeline; this signature only defines fit's options")
+
+    def validate(self, model=None, datamodule=None):
+        """Measure perplexity and sparsity of a model or a compressed output folder (output.dir/model)."""
+        raise NotImplementedError("CompressorCLI.validate runs the pipeline; this signature only defines its options")
+
+
+def check_trainer_settings(accelerator, devices, precision, strategy) -> None:
+    """Refuse Trainer settings the compressor cannot honour, naming the value and what is valid."""
+    import torch
+
+    if accelerator not in ("auto", "cpu", "gpu", "cuda"):
+        raise ConfigError(f"trainer.accelerator={accelerator!r}: choose cpu, gpu or auto")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accelerator!r} but no GPU is visible to torch "
+                          f"(torch {torch.__version__}, CUDA available: no): use cpu or auto")
+    if devices not in (1, "1", "auto"):
+        raise ConfigError(f"trainer.devices={devices!r}: multi-GPU runs are not supported yet: use 1 "
+                          "(pick the GPU with CUDA_VISIBLE_DEVICES)")
+    if strategy not in ("auto", "single_device"):
+        raise ConfigError(f"trainer.strategy={strategy!r}: multi-GPU strategies are not supported yet: use auto")
+    if precision is not None:
+        from lightning.fabric.connector import _PRECISION_INPUT_STR
+
+        valid = typing.get_args(_PRECISION_INPUT_STR)
+        if precision not in valid:
+            raise ConfigError(f"trainer.precision={precision!r} is not valid: choose one of {', '.join(valid)}")
+
+
 class CompressorCLI(LightningCLI):
-    """LightningCLI whose ``fit`` and ``validate`` run the compressor's pipeline."""
+    """LightningCLI whose ``fit`` and ``validate`` run the compressor's pipeline.
+
+    The parser shows only what applies: the compressor's groups, the Trainer settings of ``CompressionTrainer``
+    and no optimizer/scheduler groups; ``validate`` gets the model source and the evaluation data only."""
+
+    _building: str | None = None  # the subcommand whose parser is being built
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {
-            "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
-            "validate": {"model", "dataloaders", "datamodule"},
-        }
+        return {"fit": {"model", "datamodule"}, "validate": {"model", "datamodule"}}
+
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        classes = self._model_class, self._datamodule_class
+        if subcommand == "validate":
+            self._model_class, self._datamodule_class = MeasuredModel, EvaluationData
+        self._building = subcommand
+        try:
+            return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        finally:
+            self._model_class, self._datamodule_class = classes
+            self._building = None
+
+    def add_default_arguments_to_parser(self, parser) -> None:
+        """No --seed_everything: the seeds that matter are data.calibration.seed and model.reconstruction.seed."""
+
+    def _set_seed(self) -> None:
+        from lightning.fabric.utilities.seed import seed_everything
+
+        seed_everything(0, workers=True, verbose=False)
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_dataclass_arguments(OutputConfig, "output", help="Where results go.")
+        if self._building == "validate":
+            parser.add_dataclass_arguments(ValidateOutputConfig, "output", help="Where validate.json goes.")
+        else:
+            parser.add_dataclass_arguments(OutputConfig, "output", help="Where results go.")
 
-    def _output(self) -> OutputConfig:
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        return self.trainer_class(**config)
+
+    def _output(self):
         out = self.config_init[self.subcommand]["output"]
-        return out if isinstance(out, OutputConfig) else OutputConfig(**dict(out))
+        if isinstance(out, (OutputConfig, ValidateOutputConfig)):
+            return out
+        return (ValidateOutputConfig if self.subcommand == "validate" else OutputConfig)(**dict(out))
 
     @property
     def device(self):
@@ -150,34 +286,97 @@ class CompressorCLI(LightningCLI):
         if ckpt_path not in (None, "last"):
             raise ConfigError(f"ckpt_path={ckpt_path!r}: only 'last' is supported (block checkpoints live in "
                               "output.dir/checkpoints; rerunning the same command resumes from them too)")
+        reconstruction = model.reconstruction
+        precision = self.trainer.reconstruction_precision
+        if precision is not None and precision != reconstruction.precision:
+            if reconstruction.precision != ReconstructionConfig.precision:
+                raise ConfigError(f"trainer.precision={precision!r} and model.reconstruction.precision="
+                                  f"{reconstruction.precision!r} disagree: give one of them")
+            reconstruction = replace(reconstruction, precision=precision)
         settings = RunSettings(model=model.source, pruning=model.pruning, calibration=datamodule.calibration,
                                evaluation=datamodule.evaluation, output=self._output(), runtime=model.runtime,
-                               reconstruction=model.reconstruction, recon_calibration=datamodule.recon_calibration,
+                               reconstruction=reconstruction, recon_calibration=datamodule.recon_calibration,
                                schedule=model.schedule, quantization=model.quantization, moe=model.moe)
         compress(settings, self.device)
 
-    def validate(self, model: CompressionTask, datamodule: CalibrationData, **_):
+    def validate(self, model: MeasuredModel, datamodule: EvaluationData, **_):
         from compressor.pipeline import validate
 
-        validate(model.source, datamodule.evaluation, datamodule.calibration, self._output(), self.device)
+        validate(model.source, datamodule.evaluation, datamodule.calibration, self._output().dir, self.device)
+
+
+# failures that are the user's to fix: one line, exit code 2; anything else is a bug and keeps its traceback
+EXPECTED_ERRORS = (ConfigError, DataError, ArgumentError)
+# operating-system failures that name a path the user chose (permissions, full or read-only disks)
+USER_ERRNOS = (errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENOTDIR)
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's message on one line (jsonargparse's messages span several, with Python type reprs)."""
+    text = re.sub(r'Parser key "([^"]+)":', r"\1:", str(exc))
+    text = re.sub(r"<class '([\w.]+)'>", r"\1", text)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        text = f"{exc.strerror}: {exc.filename}"
+    return " ".join(text.split())
+
+
+def command_line(args: list[str]) -> str:
+    """The command as the user typed it (for the resume hint); ``output.start_over`` is left out."""
+    prog = sys.argv[0] if sys.argv and sys.argv[0].endswith("cli.py") else "cli.py"
+    kept, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a == "--output.start_over":
+            skip = True
+            continue
+        if a.startswith("--output.start_over="):
+            continue
+        kept.append(a)
+    return "python " + shlex.join([prog, *kept])
+
+
+def quiet_libraries() -> None:
+    """No Lightning banners or tips (GPU/TPU availability, litlogger, seed) on the console."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def main(args: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code: 0 done, 2 a user's mistake (one line on stderr), 130 interrupted."""
+    from compressor.runlog import RunInterrupted
+
+    typed = sys.argv[1:] if args is None else list(args)
+    quiet_libraries()
     try:
         CompressorCLI(
             CompressionTask,
             CalibrationData,
+            trainer_class=CompressionTrainer,
             save_config_callback=None,
-            trainer_defaults={"logger": False, "enable_checkpointing": False, "devices": 1},
-            seed_everything_default=0,
+            auto_configure_optimizers=False,
             parser_kwargs={
-                "description": DESCRIPTION, "formatter_class": HelpFormatter,
-                "fit": {"description": DESCRIPTION, "formatter_class": HelpFormatter},
-                "validate": {"description": DESCRIPTION, "formatter_class": HelpFormatter},
+                "description": DESCRIPTION, "formatter_class": HelpFormatter, "exit_on_error": False,
+                "fit": {"description": DESCRIPTION, "formatter_class": HelpFormatter, "exit_on_error": False,
+                        "usage": "python cli.py fit [--config FILE] [--GROUP.KEY VALUE ...]"},
+                "validate": {"description": VALIDATE_DESCRIPTION, "formatter_class": HelpFormatter, "exit_on_error": False,
+                             "usage": "python cli.py validate [--config FILE] [--GROUP.KEY VALUE ...]"},
             },
             args=args,
         )
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except RunInterrupted as exc:
+        print(exc.line(command_line(typed)), file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except EXPECTED_ERRORS as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in USER_ERRNOS:
+            raise
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     return 0

@@ -258,14 +258,21 @@ class OutputConfig:
     dir: str = "outputs/run"
     """Output folder: model/ (safetensors, config, tokenizer), masks.safetensors, report.json, plots, log."""
     save_model: bool = True
+    """Write the compressed model to dir/model (loadable by AutoModelForCausalLM.from_pretrained)."""
     save_masks: bool = True
+    """Write the keep-masks to dir/masks.safetensors."""
     plots: bool = True
-    overwrite: bool = True
-    """Replace an existing report in dir; False refuses to run over one."""
+    """Write sparsity.png and block_error.png (and schedule.png)."""
+    overwrite: bool = False
+    """Redo a run whose report.json is already in dir. False: rerunning a finished run says it is complete and does
+    nothing, and a finished run of other settings is refused."""
     checkpoint: bool = True
-    """Checkpoint every finished block to dir/checkpoints; rerunning the same command resumes from them."""
+    """Checkpoint every finished block to dir/checkpoints; rerunning an interrupted command resumes from them."""
+    keep_checkpoints: bool = False
+    """Keep dir/checkpoints after the run finishes (about the model's size again); by default they are removed."""
     start_over: bool = False
-    """Discard the checkpoints in dir instead of resuming (needed when config or data changed)."""
+    """Discard the checkpoints (and any finished run) in dir instead of resuming (needed when config or data
+    changed)."""
     format: str = "hf"
     """How model/ is written: 'hf' (plain Hugging Face safetensors, dequantized weights) or 'compressed-tensors'
     (INT4 layers as W4A16 pack-quantized groups through the compressed-tensors library, for vLLM; needs

@@ -60,15 +60,22 @@ def atomic_write_json(path: str | Path, obj) -> Path:
 
 
 def atomic_write_dir(path: str | Path, fill: Callable[[Path], None]) -> Path:
-    """Fill a temporary sibling folder, fsync its files, then swap it in place of ``path``."""
+    """Fill a temporary sibling folder, fsync its files, then swap it in place of ``path``.
+
+    Files and folders get the usual permissions (0666 / 0777 less the umask, typically 0644 / 0755), whatever
+    the writers inside ``fill`` used (some write through 0600 temporary files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         fill(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())
+        umask = _umask()
+        os.chmod(tmp, 0o777 & ~umask)
         for f in tmp.rglob("*"):
-            if f.is_file():
+            if f.is_dir() and not f.is_symlink():
+                os.chmod(f, 0o777 & ~umask)
+            elif f.is_file() and not f.is_symlink():
+                os.chmod(f, 0o666 & ~umask)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         old = None
@@ -84,6 +91,34 @@ def atomic_write_dir(path: str | Path, fill: Callable[[Path], None]) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def writable_dir(path: str | Path, key: str) -> Path:
+    """Create the folder ``path`` if needed and check that a file can be written in it.
+
+    Raises ConfigError naming ``key`` and the reason (a file in the way, no permission, a read-only or virtual
+    file system) before any expensive work."""
+    from compressor.config import ConfigError
+
+    folder = Path(path).expanduser()
+    blocker = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        where = "is a file" if blocker == folder else f"is under {str(blocker)!r}, which is a file"
+        raise ConfigError(f"{key}={str(path)!r} {where}: choose a folder path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"{key}={str(path)!r} cannot be created or written to ({exc.strerror}): choose a folder "
+                          "you can write to") from exc
+    return folder
+
+
+def folder_bytes(path: str | Path) -> int:
+    """Total size in bytes of the files under ``path``."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def write_bench_results(path: str | Path, machine: str, records: list[dict]) -> Path:

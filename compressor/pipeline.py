@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import platform
@@ -32,7 +33,7 @@ from compressor.data.calibration import calibration_windows, evaluation_windows
 from compressor.data.text import window_bos
 from compressor.evaluation import perplexity
 from compressor.export import check_export, export_w4a16
-from compressor.io import atomic_write, atomic_write_dir, atomic_write_json
+from compressor.io import atomic_write, atomic_write_dir, atomic_write_json, folder_bytes, writable_dir
 from compressor.models.adapters import ModelAdapter, check_supported, max_context, weight_of
 from compressor.models.checks import check_layer_shapes
 from compressor.models.identity import model_identity
@@ -41,6 +42,7 @@ from compressor.moe.config import MoEConfig
 from compressor.quant.int4 import QuantizationConfig, bits_per_weight
 from compressor.reconstruction.module import ReconstructionConfig
 from compressor.report import plot_block_error, plot_sparsity, print_summary
+from compressor.runlog import RunLog
 from compressor.schedule.allocate import ScheduleConfig
 from compressor.schedule.schedule import Schedule, build_schedule, plot_schedule, schedule_table
 from compressor.sequential import SequentialPruner, choose_store_device
@@ -92,14 +94,7 @@ def preflight(settings: RunSettings):
         if limit is not None and value > limit:
             raise ConfigError(f"{name}={value} is above the model's context of {limit} tokens: use at most {limit}")
     check_export(settings.output, settings.quantization, config.model_type)
-    out = Path(settings.output.dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output.dir={settings.output.dir!r} exists and is not a folder")
-    if (out / "report.json").exists() and not settings.output.overwrite:
-        raise ConfigError(f"output.dir={settings.output.dir!r} already holds a report; set output.overwrite=true")
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise ConfigError(f"output.dir={settings.output.dir!r} is not writable")
+    writable_dir(settings.output.dir, "output.dir")
     return config
 
 
@@ -133,14 +128,79 @@ def check_disk_space(model, output: OutputConfig, out: Path, cross_block: bool =
     return need
 
 
-def attach_log_file(path: Path) -> logging.Handler:
-    """Log everything from the package to ``path`` as well as the console."""
-    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(logging.INFO)
-    logging.getLogger("compressor").addHandler(handler)
-    logging.getLogger("compressor").setLevel(logging.INFO)
-    return handler
+def say(message: str) -> None:
+    """A line for the console and the run's log."""
+    print(message, flush=True)
+    log.info(message)
+
+
+def finished_run(settings: RunSettings, out: Path) -> dict | None:
+    """The report of a finished run in ``out`` with the same settings (output aside), or None when there is none.
+
+    Raises ConfigError naming what differs when ``out`` holds a finished run of other settings and neither
+    ``output.overwrite`` nor ``output.start_over`` allows replacing it."""
+    path = out / "report.json"
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text()).get("settings") or {}
+    except (OSError, ValueError):
+        return None  # not one of our reports: nothing to compare with (overwrite still decides)
+    new = json.loads(json.dumps(asdict(settings), default=str))
+    old.pop("output", None)
+    new.pop("output", None)
+    a, b = flatten(old), flatten(new)
+    changes = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if changes and not (settings.output.overwrite or settings.output.start_over):
+        raise ConfigError(f"output.dir={str(out)!r} holds a finished run of other settings ({'; '.join(changes[:5])}"
+                          f"{'; ...' if len(changes) > 5 else ''}): set output.overwrite=true to replace it, or "
+                          "choose another output.dir")
+    return None if changes else json.loads(path.read_text())
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def redo_scope(out: Path) -> str:
+    """What rerunning a finished run in ``out`` will redo: its checkpoints (if kept) spare the pruning."""
+    try:
+        done = json.loads((out / "checkpoints" / "manifest.json").read_text())["blocks_done"]
+    except (OSError, ValueError, KeyError):
+        return "compression from the start (its checkpoints were removed)"
+    return f"evaluation and saving only: its {done} checkpointed blocks are loaded"
+
+
+def dense_counts(model, adapter: ModelAdapter) -> dict:
+    """What the source model holds before compression: parameters, nonzeros, and zeros per linear (by full name)."""
+    total, nonzero = parameter_counts(model)
+    zeros = {f"{adapter.block_path}.{i}.{n}": int((weight_of(m) == 0).sum())
+             for i, block in enumerate(adapter.blocks) for n, m in adapter.linears(block).items()}
+    return {"parameters": total, "nonzero": nonzero, "linear_zeros": zeros}
+
+
+def checkpoints_summary(output: OutputConfig, out: Path) -> dict | None:
+    """A finished run's checkpoint folder, its size and whether it is kept (None when there is none)."""
+    folder = out / "checkpoints"
+    if not folder.is_dir():
+        return None
+    return {"dir": str(folder), "bytes": folder_bytes(folder), "kept": output.keep_checkpoints}
+
+
+def tidy_checkpoints(summary: dict | None) -> None:
+    """Remove a finished run's checkpoints unless they are to be kept; say so, with their size, either way."""
+    if summary is None:
+        return
+    size = f"{summary['bytes'] / 1e6:.0f} MB"
+    if summary["kept"]:
+        say(f"checkpoints kept in {summary['dir']} ({size}): a rerun with output.overwrite=true loads them "
+            "instead of pruning again; delete the folder when done")
+    else:
+        shutil.rmtree(summary["dir"], ignore_errors=True)
+        say(f"checkpoints removed ({size} freed; output.keep_checkpoints=true keeps them)")
 
 
 def peak_memory(device: torch.device) -> dict:
@@ -169,6 +229,12 @@ def bos_used(tokenizer, mode: str) -> dict:
     return {"setting": mode, "token_id": window_bos(tokenizer, mode)}
 
 
+def corpus_label(name: str) -> str:
+    """How a corpus is named on the console: 'held-out generated text' or the file name."""
+    return "held-out generated text" if name == GENERATED else (Path(name).name or name)
+
+
+
 def eval_corpora(settings: RunSettings, model, tokenizer, device, model_key: str) -> dict[str, torch.Tensor]:
     """Evaluation windows per corpus; ``model_key``: the model's fingerprint (keys the generated-text cache)."""
     ev = settings.evaluation
@@ -183,14 +249,29 @@ def eval_corpora(settings: RunSettings, model, tokenizer, device, model_key: str
 
 def compress(settings: RunSettings, device: str | torch.device = "cpu", progress: bool = True,
              model_and_tokenizer=None) -> dict:
-    """Run the whole compression; returns the report (also written to ``output.dir/report.json``)."""
+    """Run the whole compression; returns the report (also written to ``output.dir/report.json``).
+
+    A finished run of the same settings in ``output.dir`` is not redone unless ``output.overwrite`` (or
+    ``start_over``): its report is returned. Ctrl-C raises ``RunInterrupted`` (a KeyboardInterrupt) saying how many
+    blocks are checkpointed; ``compress.log`` records every run's outcome."""
     accelerator = accelerator_for(device)
     device = torch.device(device)
     started = time.perf_counter()
     timings: dict[str, float] = {}
     out = Path(settings.output.dir)
     config = preflight(settings)
-    handler = attach_log_file(out / "compress.log")
+    previous = None if settings.schedule.dry_run else finished_run(settings, out)  # a dry run writes no report
+    run = RunLog(out / "compress.log", checkpointing=settings.output.checkpoint)
+    if previous is not None and not (settings.output.overwrite or settings.output.start_over):
+        say(f"{out} already holds this run, finished {previous.get('date', '')}: nothing done. "
+            f"output.overwrite=true redoes it ({redo_scope(out)})")
+        run.finished("already complete: nothing done")
+        run.close()
+        return previous
+    if previous is not None:
+        flag = "output.overwrite=true" if settings.output.overwrite else "output.start_over=true"
+        scope = "compression from the start" if settings.output.start_over else redo_scope(out)
+        say(f"{out} holds this run, finished {previous.get('date', '')}: {flag} redoes {scope}")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
@@ -206,6 +287,8 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
         adapter = ModelAdapter(model)
         identity = model_identity(model, tokenizer)
         log.info("model weights in %s, fingerprint %s", identity["dtype"], identity["fingerprint"])
+        run.blocks_total = len(adapter.blocks)
+        dense = dense_counts(model, adapter)
         timings["load"] = time.perf_counter() - t
         check_disk_space(model, settings.output, out, settings.reconstruction.cross_block,
                          settings.quantization.enabled)
@@ -228,7 +311,8 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
         t = time.perf_counter()
         if settings.evaluation.dense_baseline and not settings.schedule.dry_run:
             for name, windows in corpora.items():
-                ppl_dense[name] = perplexity(model, windows, device, progress=progress, desc=f"dense ppl {name}")
+                ppl_dense[name] = perplexity(model, windows, device, progress=progress,
+                                             desc=f"perplexity of the dense model on {corpus_label(name)}")
                 log.info("dense perplexity on %s: %.3f", name, ppl_dense[name])
             zs_dense = zeroshot.measure(settings.evaluation, model, tokenizer, device, "dense")
         timings["dense_eval"] = time.perf_counter() - t
@@ -238,7 +322,9 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
             schedule = make_schedule(settings, model, calib, device, out, progress)
             timings["schedule"] = schedule.seconds
             if settings.schedule.dry_run:
-                return dry_run_report(settings, schedule, timings, device, out)
+                report = dry_run_report(settings, schedule, timings, device, out)
+                run.finished("dry run")
+                return report
 
         heldout = None
         if corpora and settings.evaluation.heldout_samples:
@@ -247,9 +333,11 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
         if settings.output.checkpoint:
             checkpoints = BlockCheckpoints(out / "checkpoints", settings, tensor_fingerprint(calib, recon_calib),
                                            schedule.sparsity if schedule else None, identity)
+            run.checkpoints = checkpoints
             finished = checkpoints.resume(settings.output.start_over)
             if finished:
-                log.info("resuming: %d finished blocks loaded from %s", len(finished), out / "checkpoints")
+                say(f"resuming: {len(finished)} of {len(adapter.blocks)} blocks done (checkpoints in "
+                    f"{out / 'checkpoints'})")
             if finished and schedule and checkpoints.saved_schedule and checkpoints.saved_schedule != schedule.sparsity:
                 # the finished blocks followed the saved schedule: keep it (the dense pass may differ in the last
                 # bits on another machine and cross a level boundary)
@@ -270,7 +358,8 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
         ppl: dict[str, float] = {}
         t = time.perf_counter()
         for name, windows in corpora.items():
-            ppl[name] = perplexity(model, windows, device, progress=progress, desc=f"compressed ppl {name}")
+            ppl[name] = perplexity(model, windows, device, progress=progress,
+                                   desc=f"perplexity of the compressed model on {corpus_label(name)}")
             log.info("compressed perplexity on %s: %.3f", name, ppl[name])
         zs = zeroshot.measure(settings.evaluation, model, tokenizer, device, "compressed")
         timings["eval"] = time.perf_counter() - t
@@ -279,6 +368,7 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
         pruned_params = sum(pruner.masks[n].numel() for n in pruner.masks)
         achieved = 1 - sum(int(m.sum()) for m in pruner.masks.values()) / max(pruned_params, 1)
         total, nonzero = parameter_counts(model)
+        dense_zeros = sum(dense["linear_zeros"].get(n, 0) for n in pruner.masks)
         report = {
             "tool": "compressor",
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -290,7 +380,7 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
             "settings": asdict(settings),
             "model": {"name": settings.model.name_or_path, "family": adapter.model_type,
                       "blocks": len(adapter.blocks), "parameters": total, "nonzero": nonzero,
-                      "dtype": identity["dtype"], "fingerprint": identity["fingerprint"]},
+                      "dense_nonzero": dense["nonzero"], "dtype": identity["dtype"], "fingerprint": identity["fingerprint"]},
             "pruning": {"method": settings.pruning.method, "pattern": settings.pruning.label,
                         "reconstruction": settings.reconstruction.mode, "schedule": settings.schedule.allocator},
             "schedule": schedule.to_dict() if schedule else None,
@@ -301,6 +391,7 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
                             "seqlen": int(calib.shape[1]), "tokens": int(calib.numel()),
                             "reconstruction_windows": list(recon_calib.shape) if recon_calib is not None else None},
             "sparsity": {"target": settings.pruning.target_sparsity, "achieved": achieved,
+                         "dense": dense_zeros / max(pruned_params, 1),
                          "pruned_parameters": pruned_params, "per_layer": per_layer},
             "blocks": [asdict(b) for b in blocks],
             "perplexity": {"dense": ppl_dense, "compressed": ppl, "bos": bos_used(tokenizer, settings.evaluation.bos),
@@ -315,14 +406,21 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
         save_outputs(report, model, tokenizer, pruner.masks, settings, out, pruner.quantized)
         timings["save"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - started
+        report["checkpoints"] = checkpoints_summary(settings.output, out)
         atomic_write_json(out / "report.json", report)
         print_summary(report)
         log.info("report written to %s", out / "report.json")
+        tidy_checkpoints(report["checkpoints"])
+        run.finished()
         return report
+    except KeyboardInterrupt:
+        raise run.interrupted() from None
+    except BaseException as exc:
+        run.failed(exc)
+        raise
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
-        logging.getLogger("compressor").removeHandler(handler)
-        handler.close()
+        run.close()
 
 
 def run_moe_step(settings: RunSettings, model, calib: torch.Tensor, out: Path, device, progress: bool,
@@ -438,18 +536,33 @@ def attach_saved_moe(model, name_or_path: str) -> dict | None:
     return attach_moe(model, path) if path else None
 
 
+def validate_dir(model_cfg: ModelConfig, out_dir: str | None) -> Path:
+    """Where ``validate.json`` goes: ``out_dir``; else the compressed output folder when the model is its
+    ``model/`` (beside ``report.json``); else ``outputs/validate``."""
+    if out_dir:
+        return Path(out_dir)
+    source = Path(os.path.expanduser(model_cfg.name_or_path))
+    if source.is_dir() and (source.parent / "report.json").is_file():
+        return source.parent
+    return Path("outputs/validate")
+
+
 def validate(model_cfg: ModelConfig, evaluation: EvaluationConfig, calibration: CalibrationConfig,
-             output: OutputConfig, device: str | torch.device = "cpu", progress: bool = True) -> dict:
-    """Perplexity and achieved sparsity of a model or a compressed output folder; writes ``validate.json``."""
+             out_dir: str | None = None, device: str | torch.device = "cpu", progress: bool = True) -> dict:
+    """Perplexity and achieved sparsity of a model or a compressed output folder; writes ``validate.json`` to
+    ``validate_dir(model_cfg, out_dir)`` and prints where."""
     device = torch.device(device)
-    settings = RunSettings(model=model_cfg, evaluation=evaluation, calibration=calibration, output=output)
+    out = validate_dir(model_cfg, out_dir)
+    settings = RunSettings(model=model_cfg, evaluation=evaluation, calibration=calibration,
+                           output=OutputConfig(dir=str(out)))
     config = preflight(settings)
     model, tokenizer = load_model(model_cfg, config)
     adapter = ModelAdapter(model)
     moe = attach_saved_moe(model, model_cfg.name_or_path)
     identity = model_identity(model, tokenizer)
     corpora = eval_corpora(settings, model, tokenizer, device, identity["fingerprint"])
-    ppl = {name: perplexity(model, w, device, progress=progress, desc=f"ppl {name}") for name, w in corpora.items()}
+    ppl = {name: perplexity(model, w, device, progress=progress, desc=f"perplexity on {corpus_label(name)}")
+           for name, w in corpora.items()}
     zs = zeroshot.measure(evaluation, model, tokenizer, device, "model")
     zeros = total = 0
     for _, module in adapter.iter_linears():
@@ -462,7 +575,7 @@ def validate(model_cfg: ModelConfig, evaluation: EvaluationConfig, calibration: 
               "linear_sparsity": zeros / max(total, 1), "moe": moe, "machine": machine_name(device),
               "zeroshot": zeroshot.section(evaluation, model=zs),
               "date": datetime.datetime.now().isoformat(timespec="seconds")}
-    atomic_write_json(Path(output.dir) / "validate.json", report)
+    path = atomic_write_json(out / "validate.json", report)
     from rich.console import Console
     from rich.table import Table
 
@@ -477,4 +590,5 @@ def validate(model_cfg: ModelConfig, evaluation: EvaluationConfig, calibration: 
     for row in zeroshot.table_rows(report["zeroshot"], ("model",)):
         table.add_row(*row)
     Console().print(table)
+    print(f"written {path}")
     return report

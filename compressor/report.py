@@ -19,6 +19,13 @@ def _fmt(x, digits: int = 2) -> str:
     return str(x)
 
 
+_DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
+
+
+def _fmt_count(x) -> str:
+    return "-" if x is None else f"{x:,}"
+
+
 def summary_table(report: dict):
     """A rich Table: dense vs compressed side by side."""
     from rich.table import Table
@@ -34,16 +41,20 @@ def summary_table(report: dict):
         label = "held-out generated text" if corpus == "generated" else Path(corpus).name
         table.add_row(f"perplexity ({label})", _fmt(ppl.get("dense", {}).get(corpus)), _fmt(values))
     sp = report["sparsity"]
-    table.add_row("sparsity of pruned linears", "0", f"{sp['achieved']:.4f} (target {sp['target']:.4f})")
-    table.add_row("nonzero parameters (all)", f"{report['model']['parameters']:,}", f"{report['model']['nonzero']:,}")
-    table.add_row("weights dtype (as saved)", report["model"].get("dtype") or "-", report["model"].get("dtype") or "-")
+    model = report["model"]
+    # the dense column shows the source model as loaded (an input that is already sparse shows it), never assumed
+    table.add_row("sparsity of pruned linears", _fmt(sp.get("dense"), 4),
+                  f"{sp['achieved']:.4f} (target {sp['target']:.4f})")
+    table.add_row(f"nonzero parameters (of {model['parameters']:,})", _fmt_count(model.get("dense_nonzero")),
+                  f"{model['nonzero']:,}")
+    table.add_row("weights dtype (as saved)", model.get("dtype") or "-", model.get("dtype") or "-")
     blocks = report.get("blocks") or []
     if blocks and blocks[-1].get("calib_rel_error") is not None:
         last = blocks[-1]
-        table.add_row("final-block rel. error (calib / held-out)", "0",
+        table.add_row("final-block rel. error vs dense (calib / held-out)", "",
                       f"{_fmt(last['calib_rel_error'], 4)} / {_fmt(last.get('heldout_rel_error'), 4)}")
         if recon != "lr":
-            table.add_row("final-block calib rel. error before training", "0",
+            table.add_row("final-block calib rel. error before training", "",
                           _fmt(last.get("calib_rel_error_pruned"), 4))
             seconds = sum(t["seconds"] for b in blocks for t in b.get("training", []))
             table.add_row("reconstruction training time (s)", "", f"{seconds:.1f}")
@@ -57,17 +68,24 @@ def summary_table(report: dict):
     if quant:
         bpw = quant["bits_per_weight"]
         how = " (one sweep with pruning)" if quant.get("joint") else ""
-        table.add_row(f"weights: {quant['method']} INT{quant['bits']} g{quant['group_size']}{how}",
-                      "16" if report["model"].get("dtype") in ("bfloat16", "float16") else "32",
+        dtype = model.get("dtype")
+        dense_bits = f"{_DTYPE_BITS[dtype]} ({dtype})" if dtype in _DTYPE_BITS else "-"
+        table.add_row(f"weights: {quant['method']} INT{quant['bits']} g{quant['group_size']}{how}", dense_bits,
                       f"{bpw['total']:.3f} bits/weight (values {bpw['values']:.2f} + mask {bpw['mask']:.2f} "
                       f"+ scales {bpw['scales']:.3f})")
     for row in table_rows(report.get("zeroshot")):
         table.add_row(*row)
+    if report.get("resumed_blocks"):
+        table.add_row("blocks resumed from checkpoints", "",
+                      f"{report['resumed_blocks']} of {model.get('blocks', '?')}")
     t = report["timings"]
     table.add_row("time: pruning / total (s)", "", f"{t['prune']:.1f} / {t['total']:.1f}")
     mem = report["peak_memory"]
     table.add_row("peak memory GPU / host (GB)", "", f"{_fmt(mem.get('gpu_gb'))} / {_fmt(mem['host_gb'])}")
     table.add_row("outputs", "", report["outputs"]["dir"])
+    ckpt = report.get("checkpoints")
+    if ckpt:
+        table.add_row("checkpoints", "", f"{'kept' if ckpt['kept'] else 'removed'} ({ckpt['bytes'] / 1e6:.0f} MB)")
     return table
 
 

@@ -60,6 +60,6 @@ def evaluation_windows(
     if source == GENERATED:
         n = generated_samples if max_windows is None else min(generated_samples, max_windows)
         return cached_generated(model, tokenizer, model_id, n, seqlen, generation or GenerationConfig(),
-                                seed + HELDOUT_SEED_OFFSET, device, first)
+                                seed + HELDOUT_SEED_OFFSET, device, first, purpose="held-out")
     ids = tokenize(tokenizer, source_text(source, "test", text_field), special_tokens=first is None)
     return consecutive_windows(ids, seqlen, max_windows, first)

@@ -39,17 +39,18 @@ def _candidate_ids(tokenizer, vocab_size: int) -> torch.Tensor:
 @torch.no_grad()
 def generate_samples(
     model, tokenizer, num: int, length: int, cfg: GenerationConfig, seed: int, device: torch.device | str = "cpu",
-    progress: bool = True, bos: int | None = None,
+    progress: bool = True, bos: int | None = None, purpose: str = "calibration",
 ) -> torch.Tensor:
     """``[num, length]`` token ids written by ``model`` (whole model on ``device``), each starting with ``bos``
-    when given."""
+    when given; ``purpose`` names the progress bar ('calibration' or 'held-out')."""
     from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(seed)
     candidates = _candidate_ids(tokenizer, model.config.vocab_size)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     kept: list[torch.Tensor] = []
-    bar = tqdm(total=num, desc="generating calibration text", unit="sample", disable=not progress)
+    bar = tqdm(total=num, desc=f"generating {purpose} text with the dense model", unit="sample",
+               disable=not progress)
     rounds = 0
     while len(kept) < num:
         rounds += 1
@@ -59,11 +60,13 @@ def generate_samples(
         first = candidates[torch.randint(0, len(candidates), (b,), generator=gen)].unsqueeze(1).to(device)
         if bos is not None:
             first = torch.cat([torch.full_like(first, bos), first], dim=1)
-        common = dict(pad_token_id=pad, attention_mask=None, use_cache=True)
+        # no padding anywhere: an all-ones attention mask, given so that transformers does not warn on every batch
+        # that it cannot infer one when the pad token is the EOS token (SmolLM2)
+        common = dict(pad_token_id=pad, use_cache=True)
         prefix = first
         if cfg.greedy_tokens:
             prefix = model.generate(first, do_sample=False, max_new_tokens=cfg.greedy_tokens,
-                                    min_new_tokens=cfg.greedy_tokens, **common)
+                                    min_new_tokens=cfg.greedy_tokens, attention_mask=torch.ones_like(first), **common)
         texts = tokenizer.batch_decode(prefix, skip_special_tokens=True)
         ok = [i for i, t in enumerate(texts) if in_language(t, cfg.language)]
         if not ok:
@@ -72,7 +75,8 @@ def generate_samples(
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
         new = length - prefix.shape[1]
         out = model.generate(prefix, do_sample=True, max_new_tokens=new, min_new_tokens=new,
-                             temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=None, **common)
+                             temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=None,
+                             attention_mask=torch.ones_like(prefix), **common)
         kept.extend(out[:, :length].cpu())
         bar.update(len(ok))
     bar.close()
@@ -88,7 +92,7 @@ def cache_key(model_id: str, config_digest: str, num: int, length: int, cfg: Gen
 
 def cached_generated(
     model, tokenizer, model_id: str, num: int, length: int, cfg: GenerationConfig, seed: int, device="cpu",
-    bos: int | None = None,
+    bos: int | None = None, purpose: str = "calibration",
 ) -> torch.Tensor:
     """Generated samples from the cache, or generated now and cached. ``model_id``: the model's identity
     (``model_identity(...)["fingerprint"]``: its weights, not its path); ``bos``: the token each sample starts with."""
@@ -103,6 +107,6 @@ def cached_generated(
         except Exception as exc:  # a foreign or damaged file: regenerate, never trust it
             log.warning("ignoring unreadable cache %s (%s)", path, exc)
     log.info("generating %d samples of %d tokens with the dense model (seed %d)", num, length, seed)
-    ids = generate_samples(model, tokenizer, num, length, cfg, seed, device, bos=bos)
+    ids = generate_samples(model, tokenizer, num, length, cfg, seed, device, bos=bos, purpose=purpose)
     atomic_write(path, lambda tmp: torch.save(ids, tmp))
     return ids

@@ -49,8 +49,20 @@ def _resolve(name_or_path: str, gguf_file: str | None) -> tuple[str, str | None]
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
             raise ConfigError(f"model.name_or_path={name_or_path!r}: no such GGUF file")
+        check_gguf(path, f"model.name_or_path={name_or_path!r}")
         return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    if gguf_file and os.path.isfile(os.path.join(path, gguf_file)):
+        check_gguf(os.path.join(path, gguf_file), f"model.gguf_file={gguf_file!r}")
     return path, gguf_file
+
+
+def check_gguf(path: str, what: str) -> None:
+    """ConfigError unless ``path`` starts with the GGUF magic bytes (a renamed or truncated file)."""
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise ConfigError(f"{what} is not a GGUF file (it does not start with the bytes 'GGUF'): give a GGUF file, "
+                          "a model folder or a hub id")
 
 
 def resolve(cfg: ModelConfig) -> tuple[str, str | None]:
@@ -169,6 +181,7 @@ def load_model(cfg: ModelConfig, config=None):
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(cfg)
+    quiet_bpe_cleanup(tokenizer)
     config = config if config is not None else load_config(cfg)
     kw = _kwargs(cfg)
     try:
@@ -185,4 +198,33 @@ def load_model(cfg: ModelConfig, config=None):
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        align_special_tokens(tokenizer, model)
     return model, tokenizer
+
+
+def quiet_bpe_cleanup(tokenizer) -> None:
+    """Turn off ``clean_up_tokenization_spaces`` on BPE tokenizers, where transformers ignores it anyway and warns on
+    every decode (and on every later load of a saved tokenizer that keeps it on)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    is_bpe = type(getattr(backend, "model", None)).__name__ == "BPE"
+    forced = getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
+    if is_bpe and not forced and getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        tokenizer.clean_up_tokenization_spaces = False
+
+
+def align_special_tokens(tokenizer, model) -> None:
+    """Give the tokenizer and the generation config the special tokens of the model config.
+
+    For GGUF files the config's BOS/EOS/PAD ids come from the file's ``tokenizer.ggml.*_token_id`` metadata, while
+    transformers' tokenizer conversion may take another token: for SmolLM2-135M-Instruct it makes EOS
+    ``<|im_start|>`` (id 1, the BOS) where the file says ``<|im_end|>`` (id 2), so chat generation would not stop
+    at the end of a turn and a saved tokenizer would disagree with the saved config.json."""
+    config, gen = model.config, getattr(model, "generation_config", None)
+    for role in ("bos", "eos", "pad"):
+        token_id = getattr(config, f"{role}_token_id", None)
+        if not isinstance(token_id, int) or not 0 <= token_id < len(tokenizer):
+            continue
+        if getattr(tokenizer, f"{role}_token_id") != token_id:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
+        if gen is not None and getattr(gen, f"{role}_token_id", None) is None:
+            setattr(gen, f"{role}_token_id", token_id)

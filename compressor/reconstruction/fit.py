@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -77,6 +78,20 @@ def quiet_lightning():
             lg.setLevel(level)
 
 
+@contextlib.contextmanager
+def ctrl_c_propagates(trainer: Trainer):
+    """Ctrl-C inside ``trainer.fit`` reaches the caller as KeyboardInterrupt (Lightning catches it, ignores further
+    SIGINTs and calls ``sys.exit(1)``), so the run stops as one: checkpointed blocks stay, the rest is redone."""
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
+        signal.signal(signal.SIGINT, handler)
+        raise KeyboardInterrupt from None
+
+
 def fit_window(
     blocks: list[nn.Module],
     masked: list,
@@ -120,7 +135,7 @@ def fit_window(
         torch.cuda.reset_peak_memory_stats(device)
 
     t = time.perf_counter()
-    with float32_master(blocks), quiet_lightning(), torch.enable_grad():
+    with float32_master(blocks), quiet_lightning(), torch.enable_grad(), ctrl_c_propagates(trainer):
         trainer.fit(module, loader)
         module.blocks.to(device)  # Lightning's teardown moves the module to the CPU
     seconds = time.perf_counter() - t
