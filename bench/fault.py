@@ -124,8 +124,10 @@ def main() -> None:
         runs += 1
         size = log.stat().st_size if log.exists() else 0
         manifest = out / "checkpoints" / "manifest.json"
-        proc = subprocess.Popen(command(work / "model", args.calib, out, args.samples, args.epochs), env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        err = work / f"run_{runs:02d}.stderr"  # kept: a run that fails says why
+        with open(err, "wb") as err_file:
+            proc = subprocess.Popen(command(work / "model", args.calib, out, args.samples, args.epochs), env=env,
+                                    stdout=subprocess.DEVNULL, stderr=err_file)
         started(proc, log, size)
         # a random instant within one run's work: statistics, pruning, reconstruction, checkpoint or output
         # writes (a resumed run that finishes first is started over, so kills keep landing in work)
@@ -142,7 +144,8 @@ def main() -> None:
                   flush=True)
             continue
         if proc.returncode != 0:
-            raise SystemExit(f"run {runs} failed with exit code {proc.returncode}")
+            tail = err.read_text(errors="replace").strip().splitlines()[-15:]
+            raise SystemExit(f"run {runs} failed with exit code {proc.returncode}; its stderr ends:\n" + "\n".join(tail))
         # finished before the kill: start over so that every kill lands in a run
         import shutil
 
