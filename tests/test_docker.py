@@ -67,7 +67,7 @@ def gaudi_install_args(tmp_path: Path) -> list[str]:
     shutil.copy(ROOT / "requirements.txt", tmp_path)
     for prefix in ("pip list", "grep -vE"):
         (step,) = [s for s in run if s.startswith(prefix)]
-        step = step.replace("pip list", f"{sys.executable} -m pip list").replace("/tmp/", f"{tmp_path}/")
+        step = step.replace("/tmp/", f"{tmp_path}/").replace("pip list", f"{sys.executable} -m pip list")  # paths first: the interpreter may live under /tmp
         subprocess.run(["bash", "-o", "pipefail", "-c", step], cwd=tmp_path, check=True)
     (install,) = [s for s in run if s.startswith("pip install -c")]
     return [a.strip('"') for a in install.replace("/tmp/", f"{tmp_path}/").split()[2:]]
