@@ -57,7 +57,8 @@ def test_resume_refuses_a_model_changed_in_place_and_generated_text_is_not_reuse
                            calibration=CalibrationConfig(sources=["generated"], num_samples=2, seqlen=16,
                                                          generation=generation),
                            evaluation=EvaluationConfig(datasets=[], dense_baseline=False),
-                           output=OutputConfig(dir=str(tmp_path / "out"), plots=False, start_over=start_over))
+                           output=OutputConfig(dir=str(tmp_path / "out"), plots=False, start_over=start_over,
+                                               keep_checkpoints=True, overwrite=True))
 
     first = compress(settings(), "cpu", progress=False)
     assert len(list(cache.glob("*.pt"))) == 1

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from conftest import word_tokenizer
 from test_adapters import FAMILIES
 
 from compressor.config import ConfigError
@@ -228,6 +229,8 @@ def test_cli_names_bad_moe_settings_before_loading(monkeypatch, capsys, tmp_path
     from compressor.cli import main
 
     FAMILIES["llama"]().save_pretrained(tmp_path / "llama")  # config.json only: enough for the up-front checks
+    # with a tokenizer: a folder without one is refused before the MoE checks
+    word_tokenizer().save_pretrained(tmp_path / "llama")
     monkeypatch.setattr(compressor.pipeline, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     rc = main(["fit", "--trainer.accelerator", "cpu", "--output.dir", str(tmp_path / "out"),
                "--model.source.name_or_path", str(tmp_path / "llama"), *args])
