@@ -17,19 +17,21 @@ import torch
 from compressor.cli import main
 from compressor.config import CalibrationConfig, ConfigError, EvaluationConfig, OutputConfig, PruningConfig
 from compressor.pipeline import RunSettings, compress
-from conftest import tiny_llama
+from conftest import tiny_llama, word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def config_only_model(tmp_path_factory):
-    """A folder with a tiny Llama's config.json only: every mistake below is refused before weights are read."""
+    """A folder with a tiny Llama's config.json and a tokenizer, no weights: every mistake below is refused before
+    weights are read (a folder without a tokenizer would be refused first, for that reason)."""
     from transformers import LlamaConfig
 
     folder = tmp_path_factory.mktemp("config-only")
     LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=256, max_position_embeddings=8192).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
     return folder
 
 
