@@ -206,7 +206,7 @@ def test_fit_converts_after_pruning_and_validate_reproduces_it(shared_data, smol
     assert section["k"] == 4 and len(section["blocks"]) == 2
     assert section["ffn_flops_fraction"] > 0.5 and (out / "moe.safetensors").is_file()
     validated = validate(ModelConfig(name_or_path=str(out / "model")), settings.evaluation, settings.calibration,
-                         OutputConfig(dir=str(out)), progress=False)
+                         str(out), progress=False)
     assert validated["moe"]["k"] == 4
     (corpus, ppl), = validated["perplexity"].items()
     assert ppl == pytest.approx(report["perplexity"]["compressed"][corpus], rel=1e-5)

@@ -202,6 +202,6 @@ def test_pipeline_reports_dense_and_compressed_accuracy(zeroshot_data, tmp_path,
     assert "zero-shot acc: copa, first 6 docs" in out and "zero-shot mean acc (2 tasks)" in out
     # the saved model measured again by validate gives the compressed figures
     val = validate(ModelConfig(name_or_path=str(tmp_path / "out" / "model")), ev, settings.calibration,
-                   OutputConfig(dir=str(tmp_path / "val")), "cpu", progress=False)
+                   str(tmp_path / "val"), "cpu", progress=False)
     assert {t: r["acc"] for t, r in val["zeroshot"]["model"].items()} == {
         t: r["acc"] for t, r in zs["compressed"].items()}
