@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 # settings that do not change the compressed weights (a resume may change them freely)
-_FREE = ("output", "evaluation")
+_FREE = ("output", "evaluation", "cushion")  # the prefix is found after the blocks and has its own checkpoint
 
 
 def relevant_settings(settings) -> dict:

@@ -25,6 +25,7 @@ from compressor.config import (
     PruningConfig,
     RuntimeConfig,
 )
+from compressor.cushion.config import CushionConfig
 from compressor.data.text import DataError
 from compressor.quant.int4 import QuantizationConfig
 from compressor.reconstruction.module import ReconstructionConfig
@@ -65,6 +66,7 @@ class CompressionTask(LightningModule):
         reconstruction: ReconstructionConfig = ReconstructionConfig(),
         schedule: ScheduleConfig = ScheduleConfig(),
         quantization: QuantizationConfig = QuantizationConfig(),
+        cushion: CushionConfig = CushionConfig(),
     ):
         """
         Args:
@@ -75,6 +77,8 @@ class CompressionTask(LightningModule):
             schedule: how the target sparsity is spread over blocks or layers (uniform, owl, hessian); dry_run
                 prints the schedule without pruning.
             quantization: low-bit weights for the kept weights (none, rtn, gptq; 4 bits, groups of 128).
+            cushion: CushionCache prefix in front of every input to tame activation outliers (none, greedy, tuned,
+                outlier_tokens); saved as model/cushion.safetensors and applied by perplexity and validate.
         """
         super().__init__()
         self.source = source
@@ -83,7 +87,8 @@ class CompressionTask(LightningModule):
         self.reconstruction = reconstruction
         self.schedule = schedule
         self.quantization = quantization
-        self.save_hyperparameters({"source": asdict(source), "pruning": asdict(pruning), "runtime": asdict(runtime),
+        self.cushion = cushion
+        self.save_hyperparameters({"cushion": asdict(cushion), "source": asdict(source), "pruning": asdict(pruning), "runtime": asdict(runtime),
                                    "reconstruction": asdict(reconstruction), "schedule": asdict(schedule),
                                    "quantization": asdict(quantization)})
 
@@ -139,7 +144,7 @@ class CompressorCLI(LightningCLI):
         settings = RunSettings(model=model.source, pruning=model.pruning, calibration=datamodule.calibration,
                                evaluation=datamodule.evaluation, output=self._output(), runtime=model.runtime,
                                reconstruction=model.reconstruction, recon_calibration=datamodule.recon_calibration,
-                               schedule=model.schedule, quantization=model.quantization)
+                               schedule=model.schedule, quantization=model.quantization, cushion=model.cushion)
         compress(settings, self.device)
 
     def validate(self, model: CompressionTask, datamodule: CalibrationData, **_):

@@ -26,6 +26,7 @@ from compressor.config import (
     PruningConfig,
     RuntimeConfig,
 )
+from compressor.cushion.config import CushionConfig
 from compressor.data.calibration import calibration_windows, evaluation_windows
 from compressor.evaluation import perplexity
 from compressor.io import atomic_write, atomic_write_dir, atomic_write_json
@@ -56,6 +57,7 @@ class RunSettings:
     """Calibration for reconstruction training (the paper uses 256 x 1024); None: the pruning windows."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    cushion: CushionConfig = field(default_factory=CushionConfig)
 
 
 def preflight(settings: RunSettings):
@@ -236,10 +238,15 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
                                                         r.seconds, r.calib_rel_error, r.heldout_rel_error))
         timings["prune"] = time.perf_counter() - t
 
+        t = time.perf_counter()
+        prefix, cushion = run_cushion_stage(settings, model, tokenizer, calib, out, device, progress, accelerator)
+        timings["cushion"] = time.perf_counter() - t
+
         ppl: dict[str, float] = {}
         t = time.perf_counter()
         for name, windows in corpora.items():
-            ppl[name] = perplexity(model, windows, device, progress=progress, desc=f"compressed ppl {name}")
+            ppl[name] = perplexity(model, windows, device, progress=progress, desc=f"compressed ppl {name}",
+                                   prefix=prefix)
             log.info("compressed perplexity on %s: %.3f", name, ppl[name])
         timings["eval"] = time.perf_counter() - t
 
@@ -262,6 +269,7 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
                         "reconstruction": settings.reconstruction.mode, "schedule": settings.schedule.allocator},
             "schedule": schedule.to_dict() if schedule else None,
             "quantization": quantization_summary(settings.quantization, pruner, blocks),
+            "cushion": cushion,
             "calibration": {"sources": settings.calibration.sources, "windows": int(calib.shape[0]),
                             "seqlen": int(calib.shape[1]), "tokens": int(calib.numel()),
                             "reconstruction_windows": list(recon_calib.shape) if recon_calib is not None else None},
@@ -276,7 +284,7 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
             "outputs": {"dir": str(out)},
         }
         t = time.perf_counter()
-        save_outputs(report, model, tokenizer, pruner.masks, settings, out, pruner.quantized)
+        save_outputs(report, model, tokenizer, pruner.masks, settings, out, pruner.quantized, prefix)
         timings["save"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - started
         atomic_write_json(out / "report.json", report)
@@ -318,6 +326,18 @@ def dry_run_report(settings: RunSettings, schedule: Schedule, timings: dict, dev
     return report
 
 
+def run_cushion_stage(settings: RunSettings, model, tokenizer, calib: torch.Tensor, out: Path, device: torch.device,
+                      progress: bool, accelerator: str):
+    """The cushion prefix on the (compressed) model: ``(prefix or None, report section or None)``."""
+    if not settings.cushion.enabled:
+        return None, None
+    from compressor.cushion.stage import run_cushion
+
+    if settings.output.start_over:
+        (out / "checkpoints" / "cushion_search.json").unlink(missing_ok=True)
+    return run_cushion(model, tokenizer, calib, settings.cushion, out, device, progress, accelerator)
+
+
 def quantization_summary(cfg: QuantizationConfig, pruner: SequentialPruner, blocks) -> dict | None:
     """Bits per weight (values, scales, mask) over the quantized layers, and the per-layer output error."""
     if not cfg.enabled:
@@ -336,9 +356,12 @@ def quantization_summary(cfg: QuantizationConfig, pruner: SequentialPruner, bloc
 
 
 def save_outputs(report: dict, model, tokenizer, masks: dict, settings: RunSettings, out: Path,
-                 quantized: dict | None = None) -> None:
-    """Model folder, masks, packed low-bit layers and plots, each written atomically; paths in the report."""
+                 quantized: dict | None = None, prefix=None) -> None:
+    """Model folder (with the cushion prefix), masks, packed low-bit layers and plots, each written atomically;
+    paths in the report."""
     from safetensors.torch import save_file
+
+    from compressor.cushion.prefix import FILE_NAME, save_prefix
 
     outputs = report["outputs"]
     if settings.output.save_model:
@@ -347,6 +370,8 @@ def save_outputs(report: dict, model, tokenizer, masks: dict, settings: RunSetti
         def fill(tmp: Path) -> None:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            if prefix is not None:
+                save_prefix(prefix, tmp / FILE_NAME)
 
         outputs["model"] = str(atomic_write_dir(out / "model", fill))
     if settings.output.save_masks and masks:
@@ -377,14 +402,21 @@ def save_outputs(report: dict, model, tokenizer, masks: dict, settings: RunSetti
 
 def validate(model_cfg: ModelConfig, evaluation: EvaluationConfig, calibration: CalibrationConfig,
              output: OutputConfig, device: str | torch.device = "cpu", progress: bool = True) -> dict:
-    """Perplexity and achieved sparsity of a model or a compressed output folder; writes ``validate.json``."""
+    """Perplexity and achieved sparsity of a model or a compressed output folder; writes ``validate.json``.
+
+    A ``cushion.safetensors`` in the model folder is applied in front of every window."""
+    from compressor.cushion.prefix import find_prefix
+
     device = torch.device(device)
     settings = RunSettings(model=model_cfg, evaluation=evaluation, calibration=calibration, output=output)
     preflight(settings)
     model, tokenizer = load_model(model_cfg)
     adapter = ModelAdapter(model)
+    folder = Path(os.path.expanduser(model_cfg.name_or_path))
+    prefix = find_prefix(folder) if folder.is_dir() else None
     corpora = eval_corpora(settings, model, tokenizer, device)
-    ppl = {name: perplexity(model, w, device, progress=progress, desc=f"ppl {name}") for name, w in corpora.items()}
+    ppl = {name: perplexity(model, w, device, progress=progress, desc=f"ppl {name}", prefix=prefix)
+           for name, w in corpora.items()}
     zeros = total = 0
     for _, module in adapter.iter_linears():
         w = weight_of(module)
@@ -393,6 +425,7 @@ def validate(model_cfg: ModelConfig, evaluation: EvaluationConfig, calibration: 
     report = {"model": model_cfg.name_or_path, "family": adapter.model_type, "perplexity": ppl,
               "windows": {k: list(v.shape) for k, v in corpora.items()},
               "linear_sparsity": zeros / max(total, 1), "machine": machine_name(device),
+              "cushion_prefix_len": len(prefix) if prefix is not None else 0,
               "date": datetime.datetime.now().isoformat(timespec="seconds")}
     atomic_write_json(Path(output.dir) / "validate.json", report)
     from rich.console import Console

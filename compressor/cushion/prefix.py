@@ -173,7 +173,7 @@ def generate(model, tokenizer, text: str | list[str], prefix: Prefix | None = No
     if len(texts) > 1 and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=prefix is None).to(device)
+    enc = tokenizer(texts, return_tensors="pt", padding=len(texts) > 1, add_special_tokens=prefix is None).to(device)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     kwargs = {"input_ids": ids, "attention_mask": mask}
     if prefix is not None and len(prefix):
