@@ -93,10 +93,18 @@ def block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, batch_size: int, device, store_device
+    model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, batch_size: int, device, store_device, prefix=None
 ) -> Stream:
-    """Run ``ids`` ``[n, seqlen]`` through the model up to block 0; return its inputs and kwargs."""
+    """Run ``ids`` ``[n, seqlen]`` through the model up to block 0; return its inputs and kwargs.
+
+    ``prefix`` (``compressor.cushion.prefix.Prefix``): the windows run after the prefix's keys/values; the
+    kwargs keep its cache (each block's attention reads its own layer of it) and the shifted positions."""
+    from compressor.cushion.prefix import prefixed_inputs
+
     first = adapter.blocks[0]
+    drop = _DROP_KWARGS if prefix is None or not len(prefix) else ("use_cache", "output_attentions")
+    if prefix is not None:
+        prefix = prefix.to(device, next(first.parameters()).dtype)
     batches, kwargs_by_shape = [], {}
 
     params = list(inspect.signature(first.forward).parameters)
@@ -107,7 +115,7 @@ def capture_block_inputs(
         hidden = named.pop(params[0])
         key = tuple(hidden.shape[:2])
         if key not in kwargs_by_shape:
-            kwargs_by_shape[key] = {k: v for k, v in named.items() if k not in _DROP_KWARGS}
+            kwargs_by_shape[key] = {k: v for k, v in named.items() if k not in drop}
         batches.append(hidden.to(store_device))
         raise _StopForward
 
@@ -116,7 +124,8 @@ def capture_block_inputs(
     try:
         for start in range(0, ids.shape[0], batch_size):
             try:
-                model(input_ids=ids[start : start + batch_size].to(device), use_cache=False)
+                inputs = prefixed_inputs(prefix, ids[start : start + batch_size].to(device))
+                model(**{"use_cache": False, **inputs})
             except _StopForward:
                 pass
     finally:

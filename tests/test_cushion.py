@@ -139,12 +139,15 @@ def test_greedy_search_stops_when_no_token_halves_the_error():
 
 
 def test_round_gradient_choices():
-    x = torch.randn(2, 6, 8, requires_grad=True)
-    input_error(x, "per_tensor_dynamic", 8, "ste").backward()
-    assert torch.count_nonzero(x.grad) == 0  # straight-through with the tensor's own range: nothing to learn
+    x = torch.randn(2, 64, 32, requires_grad=True)
+    input_error(x, "per_tensor_dynamic", 8, "zero").backward()
+    zero = x.grad.clone()
+    assert torch.count_nonzero(zero) > x.numel() // 2  # 2 (x - q(x)) / numel: every entry pulled to its grid point
     x.grad = None
-    input_error(x, "per_tensor_dynamic", 4, "zero").backward()
-    assert torch.count_nonzero(x.grad) > x.numel() // 2
+    input_error(x, "per_tensor_dynamic", 8, "ste").backward()
+    # straight-through with the tensor's own range: only entries clamped at the range's ends keep a gradient
+    assert (x.grad.abs() > 1e-3 * zero.abs().max()).sum() < 0.01 * x.numel()
+    assert x.grad.norm() < 0.2 * zero.norm()
 
 
 def test_tuning_changes_the_prefix_and_lowers_its_loss():
@@ -222,3 +225,29 @@ def test_run_with_cushion_saves_the_prefix_and_validate_reproduces_the_perplexit
     (corpus, ppl), = validated["perplexity"].items()
     assert ppl == pytest.approx(report["perplexity"]["compressed"][corpus], rel=1e-5)
     assert json.loads((out / "report.json").read_text())["cushion"]["tokens"][0] == "<s>"
+
+
+def test_static_w8a8_ranges_calibrated_after_a_prefix_ignore_its_positions():
+    from compressor.quant.activations import ActivationQuantConfig, range_params
+    from compressor.quant.w8a8 import calibrate
+
+    model, _ = model_and_tokenizer()
+    prefix = compute_prefix(model, [VOCAB, 9])
+    windows = torch.randint(0, VOCAB, (3, 10), generator=torch.Generator().manual_seed(8))
+    full = {}
+    owners = [(i, n, m) for i, n, m in distinct_linear_inputs(model) if i == 0]  # block 0: before any quantizer
+
+    def grab(i, name, x):
+        full.setdefault(name, []).append(x.clone())
+
+    with torch.no_grad(), LinearInputError(owners, on_input=grab):
+        model(input_ids=torch.cat([prefix.token_ids.expand(3, -1), windows], 1))
+    state = calibrate(model, windows, ActivationQuantConfig(granularity="per_tensor_static", weight_bits=0),
+                      torch.device("cpu"), batch_size=2, prefix=prefix)
+    differs = 0
+    for name, (x,) in full.items():
+        q = state.inputs[f"model.layers.0.{name}"]
+        text_only = range_params(x[:, 2:].min(), x[:, 2:].max())
+        torch.testing.assert_close(q.scale, text_only[0], rtol=1e-5, atol=0)
+        differs += not torch.allclose(q.scale, range_params(x.min(), x.max())[0], rtol=1e-5, atol=0)
+    assert differs > 0  # with the prefix positions counted, some range would be wider

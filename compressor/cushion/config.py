@@ -52,7 +52,7 @@ class CushionConfig:
     round_gradient: str = "zero"
     """Gradient of round() in the tuning error: zero (torch.round's own: d/dx ||x - q(x)||^2 = 2(x - q(x)) pulls
     each activation to its grid point) or ste (straight-through: with scales detached and taken from the same
-    tensor nothing is clipped, so the error passes no gradient at all; kept to show it)."""
+    tensor almost nothing is clamped, so the error passes next to no gradient; kept to show it)."""
     outlier_ratio: float = 64.0
     """outlier_tokens: a token is an outlier where its max |x| at a block's last linear input exceeds this times
     the median over tokens (PrefixQuant's threshold)."""

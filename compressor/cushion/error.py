@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from compressor.models.adapters import ModelAdapter
-from compressor.quant.activations import fake_quant, quant_params
+from compressor.quant.activations import quant_error
 
 
 def row_error(x: torch.Tensor, granularity: str = "per_tensor_dynamic", bits: int = 8,
@@ -26,15 +26,11 @@ def row_error(x: torch.Tensor, granularity: str = "per_tensor_dynamic", bits: in
     static range is the text's range); ``per_token_dynamic``: one per token. ``objective="max"``: max |x| of
     the row instead (the abstract's "maximum activation"). Returns ``[batch]`` in fp32.
     """
-    x = x.float()
     if objective == "max":
-        return x.abs().flatten(1).amax(1)
-    if granularity == "per_token_dynamic":
-        scale, zero = quant_params(x, "per_token_dynamic", bits)
-        return (x - fake_quant(x, scale, zero, bits)).square().flatten(1).sum(1)
-    flat = x.flatten(1)  # a row's per-token range is the row's per-tensor range
-    scale, zero = quant_params(flat, "per_token_dynamic", bits)
-    return (flat - fake_quant(flat, scale, zero, bits)).square().sum(1)
+        return x.float().abs().flatten(1).amax(1)
+    per_tensor = "per_tensor_dynamic"  # within one text a static range is the text's range
+    return quant_error(x.float(), granularity if granularity == "per_token_dynamic" else per_tensor, bits,
+                       batch_dims=1)
 
 
 def ratio_to_median(x: torch.Tensor) -> tuple[float, float, float]:

@@ -48,8 +48,9 @@ class FixedPrefixLayer(DynamicLayer):
     """One layer's prefix keys/values seen by every forward, never extended (a forward cannot grow it).
 
     ``update`` returns prefix + new states along the sequence axis but keeps only the prefix, so
-    one cache object serves many forwards (candidate batches, perplexity windows, training steps),
-    and gradients reach the prefix tensors when they are parameters.
+    one cache object serves many forwards of any batch size (candidate batches, perplexity windows,
+    calibration batches, training steps; the ``[1, ...]`` prefix is expanded, not copied, to the
+    batch), and gradients reach the prefix tensors when they are parameters.
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
@@ -59,23 +60,26 @@ class FixedPrefixLayer(DynamicLayer):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        keys = torch.cat([self.keys.to(key_states.dtype), key_states], dim=-2)
-        values = torch.cat([self.values.to(value_states.dtype), value_states], dim=-2)
+        batch = key_states.shape[0]
+        keys = torch.cat([self.keys.to(key_states.dtype).expand(batch, -1, -1, -1), key_states], dim=-2)
+        values = torch.cat([self.values.to(value_states.dtype).expand(batch, -1, -1, -1), value_states], dim=-2)
         return keys, values
 
 
-def prefix_cache(prefix: Prefix, batch: int, growing: bool = False) -> Cache | None:
-    """A cache holding ``prefix`` for ``batch`` sequences (expanded views, no copy); None for an empty prefix.
+def prefix_cache(prefix: Prefix, batch: int = 1, growing: bool = False) -> Cache | None:
+    """A cache holding ``prefix``; None for an empty prefix.
 
-    ``growing=False``: the cache is not extended by the forward, so it can be reused (search, perplexity,
-    tuning). ``growing=True``: a plain ``DynamicCache`` (a copy of the prefix) for ``generate``.
+    ``growing=False``: the cache is not extended by a forward, so one object serves every forward and batch
+    size (search, perplexity, calibration, tuning). ``growing=True``: a plain ``DynamicCache`` holding a copy
+    of the prefix for ``batch`` sequences, as ``generate`` extends it.
     """
     if len(prefix) == 0:
         return None
-    pairs = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in zip(prefix.keys, prefix.values)]
     if growing:
-        return DynamicCache(ddp_cache_data=[(k.contiguous(), v.contiguous()) for k, v in pairs])
-    return Cache(layers=[FixedPrefixLayer(k, v) for k, v in pairs])
+        return DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1).contiguous(),
+                                             v.expand(batch, -1, -1, -1).contiguous())
+                                            for k, v in zip(prefix.keys, prefix.values)])
+    return Cache(layers=[FixedPrefixLayer(k, v) for k, v in zip(prefix.keys, prefix.values)])
 
 
 def prefixed_inputs(prefix: Prefix | None, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -10,8 +10,9 @@ round() inside q is not stated in the paper; ``round_gradient`` chooses:
 
 - ``zero`` (default; torch.round's own derivative): q(X) carries no gradient, so the term's gradient
   is 2 (X - q(X)) / numel: each activation is pulled to its grid point.
-- ``ste`` (straight-through estimator, dq/dX = 1): the term's gradient is zero wherever X is not
-  clipped, and with min-max ranges of X itself nothing is clipped: the term then trains nothing.
+- ``ste`` (straight-through estimator, dq/dX = 1 inside the grid): the term's gradient is zero wherever
+  X is not clamped, and with min-max ranges of X itself only a few entries at the range's ends are
+  (where the rounded zero point pushes them off the grid): the term then trains next to nothing.
 
 Adam on the keys and values, ``cfg.lr``, ``cfg.epochs`` epochs over ``cfg.tuning_texts`` texts.
 """
@@ -35,11 +36,9 @@ from compressor.quant.activations import fake_quant, quant_params
 def input_error(x: torch.Tensor, granularity: str, bits: int, round_gradient: str) -> torch.Tensor:
     """Mean squared fake-quantization error of ``x`` ``[b, n, d]`` (scalar, differentiable in ``x``)."""
     x = x.float()
-    flat = x if granularity == "per_token_dynamic" else x.flatten(1)
-    with torch.no_grad():
-        scale, zero = quant_params(flat, "per_token_dynamic", bits)  # one range per row (text) or per token
-    q = fake_quant(flat, scale, zero, bits)
-    q = flat + (q - flat).detach() if round_gradient == "ste" else q.detach()
+    flat = x if granularity == "per_token_dynamic" else x.flatten(1)  # one range per token, or per text
+    scale, zero = quant_params(flat, "per_token_dynamic", bits)  # detached
+    q = fake_quant(flat, scale, zero, bits, ste=round_gradient == "ste")
     return (flat - q).square().mean()
 
 

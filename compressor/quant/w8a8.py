@@ -216,13 +216,15 @@ class W8A8:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, calib: Tensor, cfg: ActivationQuantConfig, device: torch.device,
-              batch_size: int = 1, store: torch.device | None = None, homes=None, progress: bool = False) -> W8A8:
+              batch_size: int = 1, store: torch.device | None = None, homes=None, progress: bool = False,
+              prefix=None) -> W8A8:
     """Quantize ``model`` in place block by block and return its :class:`W8A8` state, hooks attached.
 
     ``calib`` ``[n, seqlen]`` (the first ``cfg.calibration_windows`` are used) gives every distinct input's
     per-channel range: static per-tensor ranges are its min and max (after smoothing), SmoothQuant factors
     come from its per-channel |max|. Dynamic granularities without SmoothQuant need no ranges, but the
-    walk still finds the shared inputs and records each input's largest |x| for the report.
+    walk still finds the shared inputs and records each input's largest |x| for the report. With a cushion
+    ``prefix`` the windows run after its keys/values: ranges and statistics see the text positions only.
     """
     from tqdm.auto import tqdm
 
@@ -231,7 +233,7 @@ def calibrate(model: nn.Module, calib: Tensor, cfg: ActivationQuantConfig, devic
     homes = homes or HostHome()
     state = W8A8(cfg)
     windows = calib[: cfg.calibration_windows] if cfg.calibration_windows else calib
-    stream = capture_block_inputs(model, adapter, windows, batch_size, device, store or device)
+    stream = capture_block_inputs(model, adapter, windows, batch_size, device, store or device, prefix)
     for i in tqdm(range(len(adapter.blocks)), desc=f"W8A8 ({cfg.granularity})", unit="block",
                   disable=not progress):
         block = adapter.blocks[i]
