@@ -30,6 +30,8 @@ class CushionConfig:
     """Tokens of the calibration text scored at each greedy step (the paper: 512); also the tuning texts' length."""
     candidate_batch: int = 256
     """Candidate tokens evaluated per forward in the greedy search (each a [1 + text_len]-token sequence)."""
+    candidates: int | None = None
+    """Score only the first this many token ids (None: the whole vocabulary, as the paper; smaller for smoke runs)."""
     granularity: str = "per_tensor_dynamic"
     """Ranges of the search and tuning error: per_tensor_dynamic (= per_tensor_static within one text) or
     per_token_dynamic."""
@@ -39,6 +41,9 @@ class CushionConfig:
     """error (L_q, the method section) or max (sum over linear inputs of max |x|, the abstract's wording)."""
     precision: str = "auto"
     """Search forwards: bf16 autocast (auto on GPUs) or fp32 (auto on the CPU). The error is summed in fp32."""
+    compile: bool = True
+    """Greedy search on a GPU: torch.compile the error (fused reductions; the search is bound by the passes
+    over the activations). Ignored on the CPU; falls back to eager if compiling fails."""
     epochs: int = 2
     """Prefix tuning epochs (the paper: 2)."""
     lambda_q: float = 0.01
@@ -75,6 +80,8 @@ class CushionConfig:
             raise ConfigError(f"cushion: max_prefix_len ({self.max_prefix_len}), candidate_batch "
                               f"({self.candidate_batch}), epochs ({self.epochs}) must be >= 1 and text_len "
                               f"({self.text_len}) >= 2")
+        if self.candidates is not None and self.candidates < 1:
+            raise ConfigError(f"cushion.candidates={self.candidates} must be >= 1 or None (the whole vocabulary)")
         if not 0 < self.tau <= 1:
             raise ConfigError(f"cushion.tau={self.tau} must be in (0, 1]")
         if not 2 <= self.bits <= 16:

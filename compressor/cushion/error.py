@@ -11,11 +11,15 @@ Every function takes a batch whose rows are independent candidates and returns o
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from compressor.models.adapters import ModelAdapter
 from compressor.quant.activations import quant_error
+
+log = logging.getLogger(__name__)
 
 
 def row_error(x: torch.Tensor, granularity: str = "per_tensor_dynamic", bits: int = 8,
@@ -77,6 +81,35 @@ def distinct_linear_inputs(model: nn.Module) -> list[tuple[int, str, nn.Module]]
     return owners
 
 
+class CompiledRowError:
+    """``row_error`` through ``torch.compile`` (one fused kernel for the range and one for the error sum instead
+    of about ten passes over every activation: the search is bound by them); eager after any compile failure."""
+
+    def __init__(self):
+        self.fn = torch.compile(row_error, dynamic=True)
+
+    def __call__(self, *args):
+        if self.fn is not row_error:
+            try:
+                return self.fn(*args)
+            except Exception as exc:  # noqa: BLE001 - any backend failure: the eager function is exact
+                log.warning("torch.compile of the cushion error failed (%s): running it eagerly", exc)
+                self.fn = row_error
+        return row_error(*args)
+
+
+_COMPILED: list[CompiledRowError] = []
+
+
+def error_function(compile: bool):
+    """``row_error``, compiled once per process when ``compile``."""
+    if not compile:
+        return row_error
+    if not _COMPILED:
+        _COMPILED.append(CompiledRowError())
+    return _COMPILED[0]
+
+
 class LinearInputError:
     """Context manager: while active, every distinct linear input adds its per-row error to ``self.total``.
 
@@ -86,9 +119,10 @@ class LinearInputError:
     """
 
     def __init__(self, owners: list[tuple[int, str, nn.Module]], granularity: str = "per_tensor_dynamic",
-                 bits: int = 8, objective: str = "error", skip: int = 0, on_input=None):
+                 bits: int = 8, objective: str = "error", skip: int = 0, on_input=None, compile: bool = False):
         self.owners, self.granularity, self.bits, self.objective, self.skip = owners, granularity, bits, objective, skip
         self.on_input = on_input
+        self.error = error_function(compile)
         self.total: torch.Tensor | None = None
         self._handles = []
 
@@ -112,6 +146,6 @@ class LinearInputError:
                 self.on_input(i, name, x)
                 return
             with torch.no_grad():
-                e = row_error(x, self.granularity, self.bits, self.objective)
+                e = self.error(x, self.granularity, self.bits, self.objective)
             self.total = e if self.total is None else self.total + e
         return hook

@@ -89,7 +89,8 @@ def candidate_errors(model, owners, prefix: Prefix, text: torch.Tensor, candidat
     device = next(model.parameters()).device
     text = text.to(device)
     out = torch.empty(candidates.numel())
-    with LinearInputError(owners, cfg.granularity, cfg.bits, cfg.objective, skip=1) as err:
+    compile = cfg.compile and device.type == "cuda"
+    with LinearInputError(owners, cfg.granularity, cfg.bits, cfg.objective, skip=1, compile=compile) as err:
         for start in range(0, candidates.numel(), cfg.candidate_batch):
             chunk = candidates[start : start + cfg.candidate_batch].to(device)
             ids = torch.cat([chunk[:, None], text.expand(chunk.numel(), -1)], dim=1)
@@ -111,7 +112,7 @@ def greedy_search(model, tokenizer, calib: torch.Tensor, cfg: CushionConfig, pro
 
     owners = distinct_linear_inputs(model)
     prefix = compute_prefix(model, start or [start_token(tokenizer)], "greedy")
-    vocab = torch.arange(vocabulary_size(model, tokenizer))
+    vocab = torch.arange(min(vocabulary_size(model, tokenizer), cfg.candidates or 1 << 62))
     steps: list[SearchStep] = []
     texts = draw_texts(calib, cfg.text_len, cfg.max_prefix_len, cfg.seed)
     for step in tqdm(range(len(prefix), cfg.max_prefix_len), desc="cushion greedy search", disable=not progress):

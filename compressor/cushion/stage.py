@@ -114,7 +114,7 @@ def run_cushion(model, tokenizer, calib: torch.Tensor, cfg: CushionConfig, out_d
         ckpt = out / "checkpoints" / "cushion_search.json"
         key = {"search": {k: v for k, v in asdict(cfg).items()
                           if k in ("max_prefix_len", "tau", "text_len", "granularity", "bits", "objective",
-                                   "precision", "seed")}, "calibration": tensor_fingerprint(calib)}
+                                   "precision", "seed", "candidates")}, "calibration": tensor_fingerprint(calib)}
         saved = _resume_tokens(ckpt, key)
 
         def on_step(p: Prefix, record) -> None:
