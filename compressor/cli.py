@@ -26,15 +26,18 @@ from compressor.config import (
     RuntimeConfig,
 )
 from compressor.data.text import DataError
+from compressor.quant.activations import ActivationQuantConfig
 from compressor.quant.int4 import QuantizationConfig
 from compressor.reconstruction.module import ReconstructionConfig
 from compressor.schedule.allocate import ScheduleConfig
 
 DESCRIPTION = """compressor: prune Hugging Face causal LMs block by block (magnitude, Wanda, SparseGPT;
 unstructured or N:M), reconstruct blocks against the dense model, spread sparsity over layers,
-quantize the kept weights to 4 bits, and measure what was lost.
+quantize the kept weights to 4 bits, quantize weights and activations to 8 bits (W8A8), and measure
+what was lost.
 
-  fit       compress a model (sequential pruning), evaluate it, save model + masks + report
+  fit       compress a model (stages: sequential pruning, then W8A8 activations), evaluate it, save model + masks
+            + report
   validate  measure perplexity and sparsity of a model or a compressed output folder (output.dir/model)
 
 Examples:
@@ -65,6 +68,7 @@ class CompressionTask(LightningModule):
         reconstruction: ReconstructionConfig = ReconstructionConfig(),
         schedule: ScheduleConfig = ScheduleConfig(),
         quantization: QuantizationConfig = QuantizationConfig(),
+        activations: ActivationQuantConfig = ActivationQuantConfig(),
     ):
         """
         Args:
@@ -75,6 +79,8 @@ class CompressionTask(LightningModule):
             schedule: how the target sparsity is spread over blocks or layers (uniform, owl, hessian); dry_run
                 prints the schedule without pruning.
             quantization: low-bit weights for the kept weights (none, rtn, gptq; 4 bits, groups of 128).
+            activations: W8A8, the last stage: 8-bit inputs of every block linear (per-tensor static or dynamic,
+                per-token dynamic; SmoothQuant) and 8-bit weights, simulated; granularity none turns it off.
         """
         super().__init__()
         self.source = source
@@ -83,7 +89,8 @@ class CompressionTask(LightningModule):
         self.reconstruction = reconstruction
         self.schedule = schedule
         self.quantization = quantization
-        self.save_hyperparameters({"source": asdict(source), "pruning": asdict(pruning), "runtime": asdict(runtime),
+        self.activations = activations
+        self.save_hyperparameters({"activations": asdict(activations), "source": asdict(source), "pruning": asdict(pruning), "runtime": asdict(runtime),
                                    "reconstruction": asdict(reconstruction), "schedule": asdict(schedule),
                                    "quantization": asdict(quantization)})
 
@@ -139,7 +146,8 @@ class CompressorCLI(LightningCLI):
         settings = RunSettings(model=model.source, pruning=model.pruning, calibration=datamodule.calibration,
                                evaluation=datamodule.evaluation, output=self._output(), runtime=model.runtime,
                                reconstruction=model.reconstruction, recon_calibration=datamodule.recon_calibration,
-                               schedule=model.schedule, quantization=model.quantization)
+                               schedule=model.schedule, quantization=model.quantization,
+                               activations=model.activations)
         compress(settings, self.device)
 
     def validate(self, model: CompressionTask, datamodule: CalibrationData, **_):
