@@ -27,15 +27,18 @@ from compressor.config import (
 )
 from compressor.cushion.config import CushionConfig
 from compressor.data.text import DataError
+from compressor.quant.activations import ActivationQuantConfig
 from compressor.quant.int4 import QuantizationConfig
 from compressor.reconstruction.module import ReconstructionConfig
 from compressor.schedule.allocate import ScheduleConfig
 
 DESCRIPTION = """compressor: prune Hugging Face causal LMs block by block (magnitude, Wanda, SparseGPT;
 unstructured or N:M), reconstruct blocks against the dense model, spread sparsity over layers,
-quantize the kept weights to 4 bits, and measure what was lost.
+quantize the kept weights to 4 bits, quantize weights and activations to 8 bits (W8A8), and measure
+what was lost.
 
-  fit       compress a model (sequential pruning), evaluate it, save model + masks + report
+  fit       compress a model (stages: sequential pruning, then W8A8 activations), evaluate it, save model + masks
+            + report
   validate  measure perplexity and sparsity of a model or a compressed output folder (output.dir/model)
 
 Examples:
@@ -67,6 +70,7 @@ class CompressionTask(LightningModule):
         schedule: ScheduleConfig = ScheduleConfig(),
         quantization: QuantizationConfig = QuantizationConfig(),
         cushion: CushionConfig = CushionConfig(),
+        activations: ActivationQuantConfig = ActivationQuantConfig(),
     ):
         """
         Args:
@@ -79,6 +83,8 @@ class CompressionTask(LightningModule):
             quantization: low-bit weights for the kept weights (none, rtn, gptq; 4 bits, groups of 128).
             cushion: CushionCache prefix in front of every input to tame activation outliers (none, greedy, tuned,
                 outlier_tokens); saved as model/cushion.safetensors and applied by perplexity and validate.
+            activations: W8A8, the last stage: 8-bit inputs of every block linear (per-tensor static or dynamic,
+                per-token dynamic; SmoothQuant) and 8-bit weights, simulated; granularity none turns it off.
         """
         super().__init__()
         self.source = source
@@ -88,7 +94,9 @@ class CompressionTask(LightningModule):
         self.schedule = schedule
         self.quantization = quantization
         self.cushion = cushion
-        self.save_hyperparameters({"cushion": asdict(cushion), "source": asdict(source), "pruning": asdict(pruning), "runtime": asdict(runtime),
+        self.activations = activations
+        self.save_hyperparameters({"cushion": asdict(cushion), "activations": asdict(activations),
+                                   "source": asdict(source), "pruning": asdict(pruning), "runtime": asdict(runtime),
                                    "reconstruction": asdict(reconstruction), "schedule": asdict(schedule),
                                    "quantization": asdict(quantization)})
 
@@ -144,7 +152,8 @@ class CompressorCLI(LightningCLI):
         settings = RunSettings(model=model.source, pruning=model.pruning, calibration=datamodule.calibration,
                                evaluation=datamodule.evaluation, output=self._output(), runtime=model.runtime,
                                reconstruction=model.reconstruction, recon_calibration=datamodule.recon_calibration,
-                               schedule=model.schedule, quantization=model.quantization, cushion=model.cushion)
+                               schedule=model.schedule, quantization=model.quantization, cushion=model.cushion,
+                               activations=model.activations)
         compress(settings, self.device)
 
     def validate(self, model: CompressionTask, datamodule: CalibrationData, **_):

@@ -134,17 +134,28 @@ def extend_prefix(model, prefix: Prefix, token: int) -> Prefix:
                   [layer.values for layer in cache.layers], prefix.method)
 
 
+def prefix_tensors(prefix: Prefix) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` for safetensors (the file layout in the module docstring), on the CPU."""
+    tensors = {"token_ids": prefix.token_ids.cpu().to(torch.int64).contiguous()}
+    for i, (k, v) in enumerate(zip(prefix.keys, prefix.values)):
+        tensors[f"keys.{i}"] = k.detach().cpu().contiguous()
+        tensors[f"values.{i}"] = v.detach().cpu().contiguous()
+    return tensors, {"method": prefix.method, "layers": str(len(prefix.keys))}
+
+
+def prefix_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Prefix:
+    layers = int(meta.get("layers", 0))
+    return Prefix(tensors["token_ids"], [tensors[f"keys.{i}"] for i in range(layers)],
+                  [tensors[f"values.{i}"] for i in range(layers)], meta.get("method", "greedy"))
+
+
 def save_prefix(prefix: Prefix, path: str | Path) -> Path:
     """Write ``prefix`` to ``path`` atomically (safetensors, tensors on the CPU)."""
     from safetensors.torch import save_file
 
     from compressor.io import atomic_write
 
-    tensors = {"token_ids": prefix.token_ids.cpu().to(torch.int64).contiguous()}
-    for i, (k, v) in enumerate(zip(prefix.keys, prefix.values)):
-        tensors[f"keys.{i}"] = k.detach().cpu().contiguous()
-        tensors[f"values.{i}"] = v.detach().cpu().contiguous()
-    meta = {"method": prefix.method, "layers": str(len(prefix.keys))}
+    tensors, meta = prefix_tensors(prefix)
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
@@ -153,10 +164,7 @@ def load_prefix(path: str | Path) -> Prefix:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        layers = int(meta.get("layers", 0))
-        return Prefix(f.get_tensor("token_ids"), [f.get_tensor(f"keys.{i}") for i in range(layers)],
-                      [f.get_tensor(f"values.{i}") for i in range(layers)], meta.get("method", "greedy"))
+        return prefix_from_tensors({k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {})
 
 
 def find_prefix(folder: str | Path) -> Prefix | None:

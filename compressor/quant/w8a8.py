@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from compressor.streaming import HostHome
 log = logging.getLogger(__name__)
 
 FILE = "activations.safetensors"
+_ON_MODEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the W8A8 states hooked into it
 
 
 class InputRange:
@@ -120,6 +122,9 @@ class W8A8:
             quantizer = self.inputs[self.owner[name]]
             hook = (lambda q: lambda module, args: (q(args[0]), *args[1:]))(quantizer)
             self._handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+        states = _ON_MODEL.setdefault(model, [])
+        if self not in states:
+            states.append(self)
 
     def detach(self) -> None:
         for h in self._handles:
@@ -212,6 +217,29 @@ class W8A8:
                 "quantized_inputs": len(self.inputs), "quantized_layers": len(self.owner),
                 "largest_input_absmax": absmax[-1] if absmax else None,
                 "input_absmax": self.absmax}
+
+
+def detach(model: nn.Module) -> None:
+    """Remove every W8A8 input quantizer hooked into ``model`` (its weights stay as they are)."""
+    for state in _ON_MODEL.pop(model, []):
+        state.detach()
+
+
+def attached(model: nn.Module) -> list[W8A8]:
+    """The W8A8 states hooked into ``model``."""
+    return list(_ON_MODEL.get(model, []))
+
+
+def load_saved(model: nn.Module, folder: str | Path) -> W8A8 | None:
+    """Apply ``folder/activations.safetensors`` (a compressed model folder) to ``model`` loaded from it; None when
+    the folder has none. The saved weights already hold the 8-bit grid: only the input quantizers are hooked."""
+    path = Path(folder).expanduser() / FILE
+    if not path.is_file():
+        return None
+    state = W8A8.load(path)
+    state.apply(model, set_weights=False)
+    log.info("W8A8 %s input quantizers applied from %s", state.cfg.granularity, path)
+    return state
 
 
 @torch.no_grad()
