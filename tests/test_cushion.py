@@ -199,9 +199,10 @@ def test_stage_measures_outliers_and_writes_the_prefix(tmp_path):
     assert base.token_ids[0] == VOCAB and "outlier_positions_per_text" in info["outlier_tokens"]
 
 
-def test_run_with_cushion_saves_the_prefix_and_validate_reproduces_the_perplexity(tmp_path):
+def test_run_with_cushion_and_static_w8a8_saves_both_and_validate_reproduces_the_perplexity(tmp_path):
     from compressor.config import PruningConfig
     from compressor.pipeline import RunSettings, compress, validate
+    from compressor.quant.activations import ActivationQuantConfig
 
     model, tok = model_and_tokenizer()
     folder = tmp_path / "tiny"
@@ -214,17 +215,24 @@ def test_run_with_cushion_saves_the_prefix_and_validate_reproduces_the_perplexit
     calibration = CalibrationConfig(sources=[str(text)], num_samples=4, seqlen=48)
     evaluation = EvaluationConfig(datasets=[str(text)], heldout_samples=0, max_windows=4)
     out = tmp_path / "run"
-    report = compress(RunSettings(model=model_cfg, pruning=PruningConfig(method="magnitude", sparsity=0.3),
-                                  calibration=calibration, evaluation=evaluation,
-                                  output=OutputConfig(dir=str(out), plots=False), cushion=small_cfg()),
-                      "cpu", progress=False)
-    assert report["cushion"]["prefix_len"] >= 2 and (out / "model" / "cushion.safetensors").is_file()
+    settings = RunSettings(model=model_cfg, pruning=PruningConfig(method="magnitude", sparsity=0.3),
+                           calibration=calibration, evaluation=evaluation,
+                           output=OutputConfig(dir=str(out), plots=False), cushion=small_cfg(),
+                           activations=ActivationQuantConfig(granularity="per_tensor_static"))
+    report = compress(settings, "cpu", progress=False)
+    assert report["stages"] == ["prune", "cushion", "activations"]
+    assert report["cushion"]["prefix_len"] >= 2 and not report["cushion"]["resumed"]
+    assert (out / "model" / "cushion.safetensors").is_file() and (out / "model" / "activations.safetensors").is_file()
     validated = validate(ModelConfig(name_or_path=str(out / "model")), evaluation, calibration,
                          OutputConfig(dir=str(out)), "cpu", progress=False)
     assert validated["cushion_prefix_len"] == report["cushion"]["prefix_len"]
     (corpus, ppl), = validated["perplexity"].items()
     assert ppl == pytest.approx(report["perplexity"]["compressed"][corpus], rel=1e-5)
     assert json.loads((out / "report.json").read_text())["cushion"]["tokens"][0] == "<s>"
+    # an unchanged rerun loads the finished cushion stage instead of searching again
+    again = compress(settings, "cpu", progress=False)
+    assert again["cushion"]["resumed"] and again["cushion"]["token_ids"] == report["cushion"]["token_ids"]
+    assert again["perplexity"]["compressed"][corpus] == pytest.approx(ppl, rel=1e-5)
 
 
 def test_static_w8a8_ranges_calibrated_after_a_prefix_ignore_its_positions():
@@ -233,7 +241,7 @@ def test_static_w8a8_ranges_calibrated_after_a_prefix_ignore_its_positions():
 
     model, _ = model_and_tokenizer()
     prefix = compute_prefix(model, [VOCAB, 9])
-    windows = torch.randint(0, VOCAB, (3, 10), generator=torch.Generator().manual_seed(8))
+    windows = torch.randint(0, VOCAB, (5, 10), generator=torch.Generator().manual_seed(8))
     full = {}
     owners = [(i, n, m) for i, n, m in distinct_linear_inputs(model) if i == 0]  # block 0: before any quantizer
 
@@ -241,9 +249,9 @@ def test_static_w8a8_ranges_calibrated_after_a_prefix_ignore_its_positions():
         full.setdefault(name, []).append(x.clone())
 
     with torch.no_grad(), LinearInputError(owners, on_input=grab):
-        model(input_ids=torch.cat([prefix.token_ids.expand(3, -1), windows], 1))
+        model(input_ids=torch.cat([prefix.token_ids.expand(5, -1), windows], 1))
     state = calibrate(model, windows, ActivationQuantConfig(granularity="per_tensor_static", weight_bits=0),
-                      torch.device("cpu"), batch_size=2, prefix=prefix)
+                      torch.device("cpu"), batch_size=3, prefix=prefix)  # batches of 3 and 2
     differs = 0
     for name, (x,) in full.items():
         q = state.inputs[f"model.layers.0.{name}"]

@@ -98,7 +98,8 @@ def prefixed_inputs(prefix: Prefix | None, input_ids: torch.Tensor, attention_ma
     m = len(prefix)
     kwargs["past_key_values"] = prefix_cache(prefix, batch, growing)
     kwargs["use_cache"] = True
-    kwargs["position_ids"] = torch.arange(m, m + n, device=input_ids.device).expand(batch, n)
+    # one row for the batch: block kwargs captured for a batch then serve a smaller last batch too
+    kwargs["position_ids"] = torch.arange(m, m + n, device=input_ids.device)[None]
     if attention_mask is not None:
         ones = attention_mask.new_ones(batch, m)
         kwargs["attention_mask"] = torch.cat([ones, attention_mask], dim=1)
