@@ -77,15 +77,15 @@ def prefixes(model, tokenizer, calib, args, device, where: Path, methods, cfg_kw
     found, sections = {}, {}
     for method in methods:
         folder = where / method
-        greedy_steps = where / "greedy" / "checkpoints" / "cushion_search.json"
-        if method == "tuned" and greedy_steps.is_file() and not (folder / "checkpoints").exists():
-            # tuning starts from the greedy prefix: its finished search checkpoint is resumed, not redone
-            (folder / "checkpoints").mkdir(parents=True)
-            shutil.copy(greedy_steps, folder / "checkpoints" / "cushion_search.json")
         saved = find_prefix(folder)
         if saved is not None and (folder / "section.json").is_file():
             found[method], sections[method] = saved.to(device), json.loads((folder / "section.json").read_text())
             continue
+        greedy_steps = where / "greedy" / "checkpoints" / "cushion_search.json"
+        if method == "tuned" and greedy_steps.is_file():
+            # tuning starts from the greedy prefix: its finished search checkpoint is resumed, not redone
+            (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+            shutil.copy(greedy_steps, folder / "checkpoints" / "cushion_search.json")
         cfg = CushionConfig(method=method, **cfg_kw)
         found[method], sections[method] = run_cushion(model, tokenizer, calib, cfg, folder, device, progress=True,
                                                       accelerator="gpu" if device.type == "cuda" else "cpu")
@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/protocol_cushion.json")
     ap.add_argument("--workdir", default="outputs/cushion")
     ap.add_argument("--parts", nargs="+", default=["search", "table"], choices=["search", "table", "pruned"])
+    ap.add_argument("--granularities", nargs="+", default=list(GRANULARITIES), choices=GRANULARITIES,
+                    help="W8A8 rows of the table part (split the table over two commands if needed)")
     ap.add_argument("--candidate-batch", type=int, default=1024)
     ap.add_argument("--max-prefix-len", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=8, help="windows per forward (calibration, perplexity)")
@@ -184,8 +186,8 @@ def main() -> None:
         if "table" in args.parts:
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             grid = [("none", False, m) for m in ("none", "greedy", "tuned", "outlier_tokens")]
-            grid += [(g, sq, m) for g in GRANULARITIES for sq in (False, True) for m in ("none", "greedy", "tuned")]
-            grid += [(g, False, "outlier_tokens") for g in GRANULARITIES]
+            grid += [(g, sq, m) for g in args.granularities for sq in (False, True) for m in ("none", "greedy", "tuned")]
+            grid += [(g, False, "outlier_tokens") for g in args.granularities]
             merge(out, machine, table(model, state, calib, windows, texts, device, found, sections, args, "dense",
                                       grid))
     if "pruned" in args.parts:

@@ -259,3 +259,21 @@ def test_static_w8a8_ranges_calibrated_after_a_prefix_ignore_its_positions():
         torch.testing.assert_close(q.scale, text_only[0], rtol=1e-5, atol=0)
         differs += not torch.allclose(q.scale, range_params(x.min(), x.max())[0], rtol=1e-5, atol=0)
     assert differs > 0  # with the prefix positions counted, some range would be wider
+
+
+def test_on_smollm2_a_bos_prefix_removes_the_attention_sink_outlier(smollm2, shared_data):
+    """The premise on the real model: without a prefix each window's first token is the attention sink, with
+    activations thousands of times the median from block 12 on; behind a BOS prefix the text has none."""
+    from compressor.data.text import source_text, tokenize
+
+    model, tok = smollm2
+    ids = tokenize(tok, source_text(str(shared_data / "wikitext-2" / "wiki.valid.tokens"), "train", "text"))
+    texts = torch.stack([ids[5000:5128], ids[90000:90128]])
+    without = block_input_outliers(model, texts)
+    behind = block_input_outliers(model, texts, compute_prefix(model, [tok.bos_token_id]))
+    assert without[-1]["max_to_median"] > 10 * behind[-1]["max_to_median"]
+    assert max(s["max_to_median"] for s in without[12:]) > 5000 > 100 > max(s["max_to_median"] for s in behind[12:])
+    owners = distinct_linear_inputs(model)
+    cfg = CushionConfig(text_len=128)
+    assert text_error(model, owners, compute_prefix(model, [tok.bos_token_id]), texts[:1], cfg) < 0.5 * text_error(
+        model, owners, None, texts[:1], cfg)
