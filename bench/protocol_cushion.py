@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compressor.config import CalibrationConfig, ModelConfig  # noqa: E402
 from compressor.cushion.config import CushionConfig  # noqa: E402
-from compressor.cushion.prefix import FILE_NAME, find_prefix  # noqa: E402
+from compressor.cushion.prefix import find_prefix  # noqa: E402
 from compressor.cushion.search import draw_texts  # noqa: E402
 from compressor.cushion.stage import MEASURE_TEXTS, block_input_outliers, run_cushion  # noqa: E402
 from compressor.data.calibration import calibration_windows, evaluation_windows  # noqa: E402
@@ -135,7 +135,8 @@ def table(model, state, calib, windows, texts, device, found: dict, sections: di
                     "search_seconds": (sec.get("search") or {}).get("seconds"),
                     "search_seconds_per_step": (sec.get("search") or {}).get("seconds_per_step"),
                     "tuning_seconds": (sec.get("tuning") or {}).get("seconds"),
-                    "outlier_tokens_seconds": (sec.get("outlier_tokens") or {}).get("seconds")})
+                    "outlier_tokens_seconds": (sec.get("outlier_tokens") or {}).get("seconds"),
+                    "command": "python " + " ".join(sys.argv)})  # parts run as separate commands
         records.append(rec)
         print(json.dumps(rec), flush=True)
     return records
@@ -186,7 +187,8 @@ def main() -> None:
         if "table" in args.parts:
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             grid = [("none", False, m) for m in ("none", "greedy", "tuned", "outlier_tokens")]
-            grid += [(g, sq, m) for g in args.granularities for sq in (False, True) for m in ("none", "greedy", "tuned")]
+            grid += [(g, sq, m) for g in args.granularities for sq in (False, True)
+                     for m in ("none", "greedy", "tuned")]
             grid += [(g, False, "outlier_tokens") for g in args.granularities]
             merge(out, machine, table(model, state, calib, windows, texts, device, found, sections, args, "dense",
                                       grid))

@@ -9,8 +9,7 @@ from conftest import tiny_llama
 from compressor.config import CalibrationConfig, ConfigError, EvaluationConfig, ModelConfig, OutputConfig
 from compressor.cushion.config import CushionConfig
 from compressor.cushion.error import LinearInputError, distinct_linear_inputs, row_error
-from compressor.cushion.prefix import Prefix, compute_prefix, find_prefix, generate, load_prefix, prefixed_inputs, \
-    save_prefix
+from compressor.cushion.prefix import compute_prefix, find_prefix, generate, load_prefix, prefixed_inputs, save_prefix
 from compressor.cushion.search import candidate_errors, draw_texts, greedy_search, text_error
 from compressor.cushion.stage import block_input_outliers, run_cushion
 from compressor.cushion.tuning import input_error, tune_prefix

@@ -185,8 +185,12 @@ def generate(model, tokenizer, text: str | list[str], prefix: Prefix | None = No
     texts = [text] if isinstance(text, str) else list(text)
     if len(texts) > 1 and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    enc = tokenizer(texts, return_tensors="pt", padding=len(texts) > 1, add_special_tokens=prefix is None).to(device)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # new tokens follow every prompt directly
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=len(texts) > 1, add_special_tokens=prefix is None)
+    finally:
+        tokenizer.padding_side = side
+    enc = enc.to(device)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     kwargs = {"input_ids": ids, "attention_mask": mask}
     if prefix is not None and len(prefix):
