@@ -20,6 +20,9 @@ from typing import Any, Protocol
 
 import torch
 
+ORDER = ("prune", "moe", "cushion", "activations")
+"""The fixed order of stages by name (the project's, not the user's)."""
+
 
 @dataclass
 class RunContext:
@@ -75,8 +78,4 @@ def stages() -> list[Stage]:
     from compressor.stages.activations import ActivationsStage
     from compressor.stages.prune import PruneStage
 
-    return [PruneStage(), ActivationsStage()]
-
-
-ORDER = ("prune", "moe", "cushion", "activations")
-"""The fixed order of stages by name (a stage not yet built keeps its place)."""
+    return sorted([PruneStage(), ActivationsStage()], key=lambda stage: ORDER.index(stage.name))
