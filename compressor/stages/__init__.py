@@ -20,6 +20,9 @@ from typing import Any, Protocol
 
 import torch
 
+ORDER = ("prune", "moe", "cushion", "activations")
+"""The fixed order of stages by name (the project's, not the user's)."""
+
 
 @dataclass
 class RunContext:
@@ -76,8 +79,4 @@ def stages() -> list[Stage]:
     from compressor.stages.cushion import CushionStage
     from compressor.stages.prune import PruneStage
 
-    return [PruneStage(), CushionStage(), ActivationsStage()]
-
-
-ORDER = ("prune", "moe", "cushion", "activations")
-"""The fixed order of stages by name (a stage not yet built keeps its place)."""
+    return sorted([PruneStage(), CushionStage(), ActivationsStage()], key=lambda stage: ORDER.index(stage.name))
