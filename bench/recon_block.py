@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from compressor.engine import BlockKwargs  # noqa: E402
 from compressor.io import atomic_write_json  # noqa: E402
 from compressor.models.adapters import is_linear, set_weight, weight_of  # noqa: E402
 from compressor.pruning.masks import magnitude_mask  # noqa: E402
@@ -77,7 +78,7 @@ def main() -> None:
         rc = ReconstructionConfig(mode="br+gp", epochs=args.epochs, precision=precision)
         torch.cuda.synchronize()
         t = time.perf_counter()
-        stats = fit_window([block], masked, {(8, args.seqlen): kwargs}, inputs, targets, rc, "bench",
+        stats = fit_window([block], masked, BlockKwargs([block], [{(8, args.seqlen): kwargs}]), inputs, targets, rc, "bench",
                            accelerator="gpu")
         torch.cuda.synchronize()
         seconds = time.perf_counter() - t + target_seconds

@@ -1,15 +1,14 @@
 """The sequential driver: walk the decoder blocks, gather statistics, prune, feed the next block.
 
-Block-0 inputs are captured by running the model itself until its first block (whose forward
-is interrupted), so each family's own code builds embeddings, position tables and masks.
-Only the block being processed sits on the compute device; activations stay there too when
-they fit, otherwise in host memory. A dense stream can be carried beside the sparse one to
+Each block runs with its own inputs (mask, rotary tables) as the model's own forward builds them
+(``compressor.engine``: capture, streams, ``run_block``, ``advance``). Only the block being
+processed sits on the compute device; activations stay there too when they fit, otherwise in
+host memory. A dense stream can be carried beside the sparse one to
 measure each block's normalized reconstruction error against the original model.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,6 +18,18 @@ import torch
 from torch import nn
 
 from compressor.config import PruningConfig, RuntimeConfig
+from compressor.engine import (  # noqa: F401 (the engine's names, re-exported for callers of this module)
+    BlockKwargs,
+    Stream,
+    advance,
+    block_output,
+    capture_block_inputs,
+    check_finite,
+    choose_store_device,
+    kwargs_for,
+    run_block,
+    stream_error,
+)
 from compressor.models.adapters import ModelAdapter, set_weight, weight_of
 from compressor.pruning.masks import achieved_sparsity
 from compressor.pruning.prune import needs_statistics, prune_shared
@@ -30,27 +41,6 @@ from compressor.reconstruction.module import ReconstructionConfig, window_masks
 from compressor.streaming import HostHome
 
 log = logging.getLogger(__name__)
-
-_DROP_KWARGS = ("past_key_value", "past_key_values", "layer_past", "use_cache", "output_attentions")
-
-
-class _StopForward(Exception):
-    pass
-
-
-@dataclass
-class Stream:
-    """Hidden states entering a block, one tensor ``[batch, seqlen, hidden]`` per batch, with the block kwargs."""
-
-    batches: list[torch.Tensor]
-    kwargs: dict[tuple[int, int], dict]  # keyed by (batch, seqlen)
-
-    def clone(self) -> Stream:
-        return Stream([b.clone() for b in self.batches], self.kwargs)
-
-    @property
-    def numel(self) -> int:
-        return sum(b.numel() for b in self.batches)
 
 
 @dataclass
@@ -70,129 +60,6 @@ class BlockReport:
     training: list[dict] = field(default_factory=list)
     quant_error: dict[str, float] = field(default_factory=dict)
     shared_inputs: dict[str, list[str]] = field(default_factory=dict)
-
-
-def kwargs_for(kwargs_by_shape: dict[tuple[int, int], dict], shape: tuple[int, int]) -> dict:
-    """Block kwargs for a ``(batch, seqlen)`` input; a smaller batch of a known seqlen reuses a larger
-    batch's kwargs with per-sample tensors (masks) cut to size."""
-    if shape in kwargs_by_shape:
-        return kwargs_by_shape[shape]
-    for (b, t), kw in kwargs_by_shape.items():
-        if t == shape[1] and b >= shape[0]:
-            cut = {k: v[: shape[0]] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == b and b > 1 else v
-                   for k, v in kw.items()}
-            kwargs_by_shape[shape] = cut
-            return cut
-    raise KeyError(f"no block inputs captured for batch {shape[0]} x seqlen {shape[1]}")
-
-
-def block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = block(hidden, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@torch.no_grad()
-def capture_block_inputs(
-    model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, batch_size: int, device, store_device, prefix=None
-) -> Stream:
-    """Run ``ids`` ``[n, seqlen]`` through the model up to block 0; return its inputs and kwargs.
-
-    ``prefix`` (``compressor.cushion.prefix.Prefix``): the windows run after the prefix's keys/values; the
-    kwargs keep its cache (each block's attention reads its own layer of it) and the shifted positions."""
-    from compressor.cushion.prefix import prefixed_inputs
-
-    first = adapter.blocks[0]
-    drop = _DROP_KWARGS if prefix is None or not len(prefix) else ("use_cache", "output_attentions")
-    if prefix is not None:
-        prefix = prefix.to(device, next(first.parameters()).dtype)
-    batches, kwargs_by_shape = [], {}
-
-    params = list(inspect.signature(first.forward).parameters)
-
-    def grab(module, args, kwargs):
-        # name the positional arguments too (GPT-2 passes its mask positionally)
-        named = dict(zip(params, args)) | kwargs
-        hidden = named.pop(params[0])
-        key = tuple(hidden.shape[:2])
-        if key not in kwargs_by_shape:
-            kwargs_by_shape[key] = {k: v for k, v in named.items() if k not in drop}
-        batches.append(hidden.to(store_device))
-        raise _StopForward
-
-    adapter.move_outside(device)
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for start in range(0, ids.shape[0], batch_size):
-            try:
-                inputs = prefixed_inputs(prefix, ids[start : start + batch_size].to(device))
-                model(**{"use_cache": False, **inputs})
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    return Stream(batches, kwargs_by_shape)
-
-
-@torch.no_grad()
-def run_block(block: nn.Module, stream: Stream, device, on_batch=None, keep: bool = True) -> list[torch.Tensor]:
-    """Outputs of ``block`` for every batch of ``stream`` (kept where the inputs live; dropped with ``keep=False``,
-    for passes run only for their hooks)."""
-    outs = []
-    for hidden in stream.batches:
-        kw = kwargs_for(stream.kwargs, tuple(hidden.shape[:2]))
-        y = block_output(block, hidden.to(device), kw)
-        if on_batch is not None:
-            on_batch()
-        if keep:
-            outs.append(y.to(hidden.device))
-        del y
-    return outs
-
-
-@torch.no_grad()
-def advance(block: nn.Module, stream: Stream, device) -> None:
-    """Replace every batch of ``stream`` by the block's output, batch by batch, so each input is freed as its
-    output is made (the stream's memory does not double). The stream must not share its list."""
-    for k, hidden in enumerate(stream.batches):
-        kw = kwargs_for(stream.kwargs, tuple(hidden.shape[:2]))
-        stream.batches[k] = block_output(block, hidden.to(device), kw).to(hidden.device)
-        del hidden
-
-
-def check_finite(index: int, batches: list[torch.Tensor]) -> None:
-    """Stop before anything is checkpointed when a block's outputs hold NaN/Inf."""
-    for b in batches:
-        if not torch.isfinite(b).all():
-            raise FloatingPointError(
-                f"block {index} produced NaN/Inf activations after pruning/reconstruction; nothing of it was "
-                "checkpointed. Try float32 (model.source.dtype), more damping (pruning.percdamp) or a lower "
-                "reconstruction lr.")
-
-
-def stream_error(dense: list[torch.Tensor], sparse: list[torch.Tensor], device) -> tuple[float, float]:
-    """(normalized error (1/(N*T*H)) ||dense - sparse||^2, relative error ||dense - sparse||^2 / ||dense||^2)."""
-    sq, ref, n = 0.0, 0.0, 0
-    for d, s in zip(dense, sparse):
-        d, s = d.to(device).float(), s.to(device).float()
-        sq += (d - s).square().sum().item()
-        ref += d.square().sum().item()
-        n += d.numel()
-    return sq / max(n, 1), sq / max(ref, 1e-30)
-
-
-def choose_store_device(bytes_needed: int, device: torch.device, mode: str) -> torch.device:
-    """Where activations live: the compute device when they fit (with headroom), else host memory."""
-    if mode == "cpu" or device.type == "cpu":
-        return torch.device("cpu")
-    if mode == "device":
-        return device
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if bytes_needed * 1.5 < free * 0.8:
-            return device
-        log.info("activations need %.1f GB: kept in host memory (GPU has %.1f GB free)", bytes_needed / 1e9, free / 1e9)
-        return torch.device("cpu")
-    return device
 
 
 class SequentialPruner:

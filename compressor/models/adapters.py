@@ -1,8 +1,8 @@
 """Model adapters: where a causal LM keeps its decoder blocks and each block's linear layers.
 
-The sequential driver only needs the block list: block-0 inputs are captured by running the
-model itself up to the first block, so embeddings, rotary tables and masks are built by the
-family's own code. Everything that is not a block (embeddings, final norm, head) is "outside".
+The sequential driver only needs the block list: block-0 inputs and every block's own arguments
+are captured by running the model itself (``compressor.engine``), so embeddings, rotary tables
+and masks are built by the family's own code. Everything that is not a block (embeddings, final norm, head) is "outside".
 """
 
 from __future__ import annotations

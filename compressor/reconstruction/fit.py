@@ -14,6 +14,7 @@ from lightning.pytorch import Trainer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from compressor.engine import BlockKwargs
 from compressor.reconstruction.module import BlockReconstruction, ReconstructionConfig
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,27 @@ class StreamRows(Dataset):
     def __getitem__(self, i: int):
         b, r = self.index[i]
         return self.inputs[b][r], self.targets[b][r]
+
+
+@contextlib.contextmanager
+def float32_master(blocks: list[nn.Module]):
+    """Within the context, every floating parameter of ``blocks`` starts as float32; after it, each is back in its
+    own storage dtype (fp16/bf16: rounded). The ``Parameter`` objects stay the same (only their data is swapped), so masks
+    and references to them stay valid; buffers (rotary tables) are left as they are. Training half-precision
+    weights directly fails: AdamW's eps (1e-8) and small squared gradients round to zero in fp16, and the
+    first step divides by zero."""
+    params = [p for b in blocks for p in b.parameters() if p.is_floating_point()]
+    dtypes = [p.dtype for p in params]
+    for p in params:
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, dtype in zip(params, dtypes):
+                if p.dtype != dtype:  # also after a "-true" precision converted the module
+                    p.data = p.data.to(dtype)
 
 
 @contextlib.contextmanager
@@ -57,7 +79,7 @@ def quiet_lightning():
 def fit_window(
     blocks: list[nn.Module],
     masked: list,
-    block_kwargs: dict,
+    block_kwargs: BlockKwargs,
     inputs: list[torch.Tensor],
     targets: list[torch.Tensor],
     cfg: ReconstructionConfig,
@@ -68,6 +90,10 @@ def fit_window(
     deterministic: bool = False,
 ) -> dict:
     """Train ``blocks`` so that they map ``inputs`` to ``targets`` (lists of ``[batch, seqlen, hidden]``).
+
+    Whatever the blocks' storage dtype, an fp32 master copy is trained (``cfg.precision`` then applies as
+    Lightning defines it: fp32, or fp32 master weights under bf16/fp16 autocast) and the result is written
+    back in the storage dtype; pruned weights stay exactly zero through the rounding.
 
     Returns ``{"seconds", "steps", "first_loss", "last_loss", "peak_gpu_gb"}``; the loss curve goes to
     CSV and TensorBoard under ``log_dir/name`` when ``log_dir`` is given.
@@ -91,9 +117,9 @@ def fit_window(
         torch.cuda.reset_peak_memory_stats(device)
 
     t = time.perf_counter()
-    with quiet_lightning(), torch.enable_grad():
+    with float32_master(blocks), quiet_lightning(), torch.enable_grad():
         trainer.fit(module, loader)
-    module.blocks.to(device)  # Lightning's teardown moves the module to the CPU
+        module.blocks.to(device)  # Lightning's teardown moves the module to the CPU
     seconds = time.perf_counter() - t
     metrics = trainer.callback_metrics
     losses = [float(metrics[k]) for k in ("train_loss_epoch",) if k in metrics]

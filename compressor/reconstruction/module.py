@@ -17,6 +17,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from compressor.config import ConfigError
+from compressor.engine import BlockKwargs, block_output
 
 MODES = ("lr", "br", "br+gp", "br+gp+cr")
 
@@ -37,7 +38,10 @@ class ReconstructionConfig:
     weight_decay: float = 0.0
     batch_size: int = 8
     precision: str = "32-true"
-    """Lightning precision: 32-true (fp32), bf16-mixed (fp32 master weights with bf16 autocast), ..."""
+    """Lightning precision: 32-true (fp32), bf16-mixed or 16-mixed (fp32 master weights under autocast),
+    bf16-true (bf16 weights and optimizer state). The block trains as an fp32 master copy whatever the model's
+    dtype, written back in that dtype; 16-true is refused (AdamW's eps and small squared gradients round to
+    zero in fp16: NaN)."""
     train_norms: bool = True
     """Also train norm weights (and LayerNorm/linear biases where the family has them)."""
     seed: int = 0
@@ -49,6 +53,9 @@ class ReconstructionConfig:
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ConfigError(f"reconstruction: epochs ({self.epochs}), batch_size ({self.batch_size}) must be >= 1 "
                               f"and lr ({self.lr}) > 0")
+        if str(self.precision) in ("16-true", "fp16-true"):
+            raise ConfigError(f"reconstruction.precision={self.precision!r} trains in fp16, where AdamW's eps and "
+                              "small squared gradients round to zero (NaN): use 32-true, bf16-mixed or 16-mixed")
         self.betas = tuple(self.betas)
 
     @property
@@ -76,18 +83,32 @@ def window_masks(blocks: list[nn.Module], masks_by_linear: list[dict[str, torch.
     return out
 
 
+def _cast_floating(value, dtype: torch.dtype):
+    """Floating tensors (additive masks, rotary tables) of a capture in the blocks' training dtype, tuples too."""
+    if torch.is_tensor(value):
+        return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
+    if isinstance(value, dict):
+        return {k: _cast_floating(v, dtype) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floating(v, dtype) for v in value)
+    return value
+
+
 class BlockReconstruction(LightningModule):
     """Fits ``blocks`` (applied in sequence) so that their output on ``inputs`` matches ``targets``.
 
     Args:
         blocks: the window, e.g. ``[block_i]`` or ``[block_i, block_i+1]``.
         masked: ``[(weight parameter, keep_mask)]`` for the pruned weights (see ``window_masks``).
-        block_kwargs: extra forward arguments per ``(batch, seqlen)`` (masks, position tables).
+        block_kwargs: each block's own forward arguments (masks, position tables), from the capture.
         total_steps: optimizer steps over the whole fit, for the linear decay.
+
+    ``fit_window`` hands it an fp32 master copy of a half-precision block; inputs and floating arguments are
+    cast to the parameters' dtype on the way in (fp32, or a ``-true`` precision's dtype).
     """
 
     def __init__(self, blocks: list[nn.Module], masked: list[tuple[nn.Parameter, torch.Tensor]],
-                 block_kwargs: dict[tuple[int, int], dict], cfg: ReconstructionConfig, total_steps: int):
+                 block_kwargs: BlockKwargs, cfg: ReconstructionConfig, total_steps: int):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.masked = masked
@@ -100,11 +121,11 @@ class BlockReconstruction(LightningModule):
             p.requires_grad_(linear_weight or cfg.train_norms)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        from compressor.sequential import block_output, kwargs_for
-
-        kwargs = kwargs_for(self.block_kwargs, tuple(hidden.shape[:2]))
+        shape = tuple(hidden.shape[:2])
+        dtype = next(self.blocks.parameters()).dtype  # fp32 (the master copy), or a "-true" precision's dtype
+        hidden = hidden.to(dtype)
         for block in self.blocks:
-            hidden = block_output(block, hidden, kwargs)
+            hidden = block_output(block, hidden, _cast_floating(self.block_kwargs.of(block, shape), dtype))
         return hidden
 
     def train(self, mode: bool = True):
