@@ -31,11 +31,14 @@ MANIFEST = "manifest.json"
 _FREE = ("output", "evaluation")
 # where the model comes from: its identity (the weights' fingerprint) is compared instead
 _MODEL_SOURCE = ("name_or_path", "gguf_file", "revision", "tokenizer", "trust_remote_code")
+# groups of stages after pruning: they checkpoint under their own hash (``save_stage``), so changing one
+# does not invalidate the pruning checkpoints
+LATER_STAGES = ("moe", "cushion", "activations")
 
 
 def relevant_settings(settings) -> dict:
     d = asdict(settings)
-    for key in _FREE:
+    for key in (*_FREE, *LATER_STAGES):
         d.pop(key, None)
     d.get("runtime", {}).pop("track_error", None)
     for key in _MODEL_SOURCE:
@@ -87,6 +90,7 @@ class BlockCheckpoints:
         self.config_hash = digest(self.config)
         self.data_fingerprint = data_fingerprint
         self.blocks: list[dict] = []  # manifest entries of finished blocks, in order
+        self.stages: dict[str, dict] = {}  # stage name -> its entry (digest, file, sha256)
 
     def _manifest(self) -> dict:
         return {
@@ -97,6 +101,7 @@ class BlockCheckpoints:
             "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
                          "python": platform.python_version()},
             "schedule": self.schedule, "blocks_done": len(self.blocks), "blocks": self.blocks,
+            "stages": self.stages,
         }
 
     def resume(self, start_over: bool = False) -> list[dict]:
@@ -109,7 +114,7 @@ class BlockCheckpoints:
         for stale in self.folder.glob(".*.tmp"):  # a killed writer's leftovers: never trusted, removed
             stale.unlink(missing_ok=True)
         if start_over or not path.is_file():
-            self.blocks = []
+            self.blocks, self.stages = [], {}
             return []
         old = json.loads(path.read_text())
         self.saved_schedule = old.get("schedule")
@@ -144,6 +149,7 @@ class BlockCheckpoints:
                         good[-1]["index"])
             good.pop()
         self.blocks = good
+        self.stages = old.get("stages", {})
         return list(good)
 
     def load(self, entry: dict, block: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -211,3 +217,27 @@ class BlockCheckpoints:
         for old in self.blocks[:-2]:
             if old.pop("pending_file", None):
                 (self.folder / f"pending_{old['index'] + 1:03d}.safetensors").unlink(missing_ok=True)
+
+    def load_stage(self, name: str, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """``(tensors, metadata)`` of stage ``name`` finished by an earlier run under the same ``key`` (its config
+        digest), or None (never run, another key, or a missing or damaged file: the stage runs again)."""
+        from safetensors import safe_open
+
+        entry = self.stages.get(name)
+        if entry is None or entry.get("digest") != key:
+            return None
+        file = self.folder / entry["file"]
+        if not file.is_file() or _file_sha(file) != entry["sha256"]:
+            log.warning("stage checkpoint %s is missing or damaged: the %s stage runs again", file, name)
+            return None
+        with safe_open(str(file), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+
+    def save_stage(self, name: str, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        """Record stage ``name`` as finished under ``key``: its file first, then the manifest."""
+        from safetensors.torch import save_file
+
+        file = f"stage_{name}.safetensors"
+        path = atomic_write(self.folder / file, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        self.stages[name] = {"digest": key, "file": file, "sha256": _file_sha(path)}
+        atomic_write_json(self.folder / MANIFEST, self._manifest())

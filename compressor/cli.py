@@ -32,19 +32,23 @@ from compressor.config import (
     PruningConfig,
     RuntimeConfig,
 )
+from compressor.cushion.config import CushionConfig
 from compressor.data.text import DataError
 from compressor.moe.config import MoEConfig
+from compressor.quant.activations import ActivationQuantConfig
 from compressor.quant.int4 import QuantizationConfig
 from compressor.reconstruction.module import ReconstructionConfig
 from compressor.schedule.allocate import ScheduleConfig
 
 DESCRIPTION = """compressor: prune Hugging Face causal LMs block by block (magnitude, Wanda, SparseGPT;
 unstructured or N:M), reconstruct blocks against the dense model, spread sparsity over layers,
-quantize the kept weights to 4 bits, and measure what was lost.
+quantize the kept weights to 4 bits, quantize weights and activations to 8 bits (W8A8), and measure
+what was lost.
 
-  fit       compress a model (sequential pruning), evaluate it, save model + masks + report
+  fit       compress a model in stages (sequential pruning, MoE conversion, CushionCache prefix, W8A8
+            activations; each when configured), evaluate it, save model + masks + report
   validate  measure perplexity and sparsity of a model or a compressed output folder (output.dir/model;
-            with moe.safetensors beside it, the converted mixture-of-experts model)
+            the moe.safetensors, cushion.safetensors and activations.safetensors saved with it applied)
 
 Examples:
   python cli.py fit --config configs/quickstart.yaml
@@ -84,6 +88,8 @@ class CompressionTask(LightningModule):
         schedule: ScheduleConfig = ScheduleConfig(),
         quantization: QuantizationConfig = QuantizationConfig(),
         moe: MoEConfig = MoEConfig(),
+        cushion: CushionConfig = CushionConfig(),
+        activations: ActivationQuantConfig = ActivationQuantConfig(),
     ):
         """
         Args:
@@ -95,6 +101,10 @@ class CompressionTask(LightningModule):
                 prints the schedule without pruning.
             quantization: low-bit weights for the kept weights (none, rtn, gptq; 4 bits, groups of 128).
             moe: FFNs into mixtures of experts with trained routers (G-MoEfication), after pruning.
+            cushion: CushionCache prefix in front of every input to tame activation outliers (none, greedy, tuned,
+                outlier_tokens); saved as model/cushion.safetensors and applied by perplexity and validate.
+            activations: W8A8, the last stage: 8-bit inputs of every block linear (per-tensor static or dynamic,
+                per-token dynamic; SmoothQuant) and 8-bit weights, simulated; granularity none turns it off.
         """
         super().__init__()
         self.source = source
@@ -104,7 +114,9 @@ class CompressionTask(LightningModule):
         self.schedule = schedule
         self.quantization = quantization
         self.moe = moe
-        self.save_hyperparameters({"source": asdict(source), "pruning": asdict(pruning), "runtime": asdict(runtime),
+        self.cushion = cushion
+        self.activations = activations
+        self.save_hyperparameters({"cushion": asdict(cushion), "activations": asdict(activations), "source": asdict(source), "pruning": asdict(pruning), "runtime": asdict(runtime),
                                    "reconstruction": asdict(reconstruction), "schedule": asdict(schedule),
                                    "quantization": asdict(quantization), "moe": asdict(moe)})
 
@@ -296,7 +308,8 @@ class CompressorCLI(LightningCLI):
         settings = RunSettings(model=model.source, pruning=model.pruning, calibration=datamodule.calibration,
                                evaluation=datamodule.evaluation, output=self._output(), runtime=model.runtime,
                                reconstruction=reconstruction, recon_calibration=datamodule.recon_calibration,
-                               schedule=model.schedule, quantization=model.quantization, moe=model.moe)
+                               schedule=model.schedule, quantization=model.quantization, moe=model.moe,
+                               cushion=model.cushion, activations=model.activations)
         compress(settings, self.device)
 
     def validate(self, model: MeasuredModel, datamodule: EvaluationData, **_):

@@ -113,8 +113,10 @@ class _Recorder(nn.Module):
 class _Capture:
     """What the stand-ins of one capture share: the recorded inputs and the hand-over between blocks."""
 
-    def __init__(self, blocks: nn.ModuleList, kwargs: BlockKwargs, store_device, as_tuple: bool):
+    def __init__(self, blocks: nn.ModuleList, kwargs: BlockKwargs, store_device, as_tuple: bool,
+                 drop: tuple[str, ...] = _DROP_KWARGS):
         self.params = [list(inspect.signature(b.forward).parameters) for b in blocks]
+        self.drop = drop
         self.kwargs = kwargs
         self.store_device = store_device
         self.as_tuple = as_tuple  # hand the hidden state on as (hidden,): families whose loop takes outputs[0]
@@ -155,7 +157,7 @@ class _Capture:
         shape = tuple(hidden.shape[:2])
         by_shape = self.kwargs.by_block[i]
         if shape not in by_shape:
-            by_shape[shape] = {k: self._share(v) for k, v in named.items() if k not in _DROP_KWARGS}
+            by_shape[shape] = {k: self._share(v) for k, v in named.items() if k not in self.drop}
         if i == self._last:
             raise _StopForward
         out = (hidden,) if self.as_tuple else hidden
@@ -165,20 +167,31 @@ class _Capture:
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, batch_size: int, device, store_device
+    model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, batch_size: int, device, store_device, prefix=None
 ) -> Stream:
     """Run ``ids`` ``[n, seqlen]`` through the model's own forward; return block 0's inputs, batch by batch, and
-    every block's kwargs (``Stream.kwargs``). Block weights are not touched (see the module docstring)."""
+    every block's kwargs (``Stream.kwargs``). Block weights are not touched (see the module docstring).
+
+    ``prefix`` (``compressor.cushion.prefix.Prefix``): the windows run after the prefix's keys/values; the
+    kwargs keep its cache (each block's attention reads its own layer of it, and a forward never extends it)
+    and the shifted positions and masks."""
+    from compressor.cushion.prefix import prefixed_inputs
+
     blocks = adapter.blocks
     adapter.move_outside(device)
+    behind = prefix is not None and len(prefix) > 0
+    drop = tuple(k for k in _DROP_KWARGS if k not in ("past_key_value", "past_key_values")) if behind else _DROP_KWARGS
+    if behind:
+        prefix = prefix.to(device, next(model.get_input_embeddings().parameters()).dtype)
     for as_tuple in (False, True):
         kwargs = BlockKwargs(blocks)
-        capture = _Capture(blocks, kwargs, store_device, as_tuple)
+        capture = _Capture(blocks, kwargs, store_device, as_tuple, drop)
         adapter._set_blocks(nn.ModuleList([_Recorder(b, i, capture) for i, b in enumerate(blocks)]))
         try:
             for start in range(0, ids.shape[0], batch_size):
                 try:
-                    model(input_ids=ids[start : start + batch_size].to(device), use_cache=False)
+                    inputs = prefixed_inputs(prefix, ids[start : start + batch_size].to(device))
+                    model(**{"use_cache": False, **inputs})
                 except _StopForward:
                     pass
             return Stream(capture.batches, kwargs)

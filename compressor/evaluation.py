@@ -33,15 +33,25 @@ class WindowPerplexity(Metric):
 
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, device, batch_size: int = 1, progress: bool = True,
-               desc: str = "perplexity") -> float:
-    """Perplexity of ``model`` (moved to ``device``) over ``windows`` ``[k, seqlen]``."""
+               desc: str = "perplexity", prefix=None) -> float:
+    """Perplexity of ``model`` (moved to ``device``) over ``windows`` ``[k, seqlen]``.
+
+    ``prefix`` (a ``compressor.cushion.prefix.Prefix``): each window runs after the prefix's keys/values, its
+    positions shifted by the prefix length; only the window's own tokens are predicted and counted.
+    """
     from tqdm.auto import tqdm
 
+    from compressor.cushion.prefix import prefixed_inputs
+
     model.to(device)
+    if prefix is not None:
+        prefix = prefix.to(device, next(model.parameters()).dtype)
     metric = WindowPerplexity().to(device)
     for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, unit="batch", disable=not progress):
         ids = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits
+        kwargs = prefixed_inputs(prefix, ids)
+        kwargs.setdefault("use_cache", False)
+        logits = model(**kwargs).logits
         metric.update(logits, ids)
     value = metric.compute().item()
     return value if math.isfinite(value) else float("inf")

@@ -1,4 +1,8 @@
-"""Orchestration of one compression run: check, load, calibrate, measure, prune, measure, save, report."""
+"""Orchestration of one compression run: check, load, calibrate, measure, run the stages, measure, save, report.
+
+The stages themselves (pruning, MoE conversion, CushionCache prefix, W8A8 activations) live in
+``compressor.stages``; this module loads the model and data once, measures the dense model once, runs the
+configured stages in the project's order, then measures, saves and reports once."""
 
 from __future__ import annotations
 
@@ -33,19 +37,22 @@ from compressor.data.calibration import calibration_windows, evaluation_windows
 from compressor.data.text import window_bos
 from compressor.evaluation import perplexity
 from compressor.export import check_export, export_w4a16
-from compressor.io import atomic_write, atomic_write_dir, atomic_write_json, folder_bytes, writable_dir
+from compressor.io import atomic_write_dir, atomic_write_json, folder_bytes, writable_dir
 from compressor.models.adapters import ModelAdapter, check_supported, max_context, weight_of
 from compressor.models.checks import check_layer_shapes
 from compressor.models.identity import model_identity
 from compressor.models.loading import check_tokenizer_present, load_config, load_model
+from compressor.cushion.config import CushionConfig
 from compressor.moe.config import MoEConfig
-from compressor.quant.int4 import QuantizationConfig, bits_per_weight
+from compressor.quant.activations import ActivationQuantConfig
+from compressor.quant.int4 import QuantizationConfig
 from compressor.reconstruction.module import ReconstructionConfig
-from compressor.report import plot_block_error, plot_sparsity, print_summary
+from compressor.report import print_summary
 from compressor.runlog import RunLog
 from compressor.schedule.allocate import ScheduleConfig
-from compressor.schedule.schedule import Schedule, build_schedule, plot_schedule, schedule_table
-from compressor.sequential import SequentialPruner, choose_store_device
+from compressor.schedule.schedule import Schedule, schedule_table
+from compressor.stages import RunContext, stages
+from compressor.stages.prune import make_schedule
 
 log = logging.getLogger("compressor")
 
@@ -66,12 +73,22 @@ class RunSettings:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    """FFNs into mixtures of experts (G-MoEfication), after pruning (model.moe)."""
+    cushion: CushionConfig = field(default_factory=CushionConfig)
+    """CushionCache prefix, after pruning and MoE, before W8A8 (model.cushion)."""
+    activations: ActivationQuantConfig = field(default_factory=ActivationQuantConfig)
+    """W8A8 activation quantization, the last stage (model.activations)."""
 
 
 def preflight(settings: RunSettings):
     """Every check that needs no weights: family, tokenizer files, every layer's shape against the settings
     (on the meta device), context length, output folder. Returns the model config."""
     settings.schedule.check(settings.pruning.target_sparsity, settings.pruning.nm)
+    if settings.quantization.enabled and settings.activations.enabled and settings.activations.weight_bits:
+        raise ConfigError(f"model.activations.weight_bits={settings.activations.weight_bits} would quantize the "
+                          f"{settings.quantization.bits}-bit weights of quantization.method="
+                          f"{settings.quantization.method!r} again: set model.activations.weight_bits=0 to keep "
+                          "them (W4A8), or quantization.method=none")
     config = load_config(settings.model)
     check_supported(config.model_type)
     check_tokenizer_present(settings.model)
@@ -99,19 +116,22 @@ def preflight(settings: RunSettings):
 
 
 def check_disk_space(model, output: OutputConfig, out: Path, cross_block: bool = False,
-                     quantized: bool = False) -> int:
+                     quantized: bool = False, w8a8: bool = False) -> int:
     """Refuse to start when the output folder's disk cannot hold model, masks and block checkpoints.
 
     ``quantized`` (GPTQ/RTN): checkpoints hold a byte of code per linear weight and ``quantized.safetensors`` the
     packed codes and mask (under 0.7 byte per weight). ``cross_block``: checkpoints also hold in-window states, up to
     three at once while the newest replaces the oldest (a block's weights, masks and, when quantized, the fp32 GPTQ
-    Hessians of its layers' inputs, counted once per layer: an upper bound)."""
+    Hessians of its layers' inputs, counted once per layer: an upper bound). ``w8a8``: a byte per linear weight
+    in ``activations.safetensors`` and again in its stage checkpoint."""
     adapter = ModelAdapter(model)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     linear = sum(weight_of(m).numel() for _, m in adapter.iter_linears())
     need = (weights if output.save_model else 0) + (linear if output.save_masks else 0)
     if quantized:
         need += int(0.7 * linear)
+    if w8a8:
+        need += 2 * linear
     if output.checkpoint:
         need += weights + linear + (linear if quantized else 0)  # the blocks' weights, masks and codes again
         if cross_block:
@@ -251,13 +271,13 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
              model_and_tokenizer=None) -> dict:
     """Run the whole compression; returns the report (also written to ``output.dir/report.json``).
 
-    A finished run of the same settings in ``output.dir`` is not redone unless ``output.overwrite`` (or
-    ``start_over``): its report is returned. Ctrl-C raises ``RunInterrupted`` (a KeyboardInterrupt) saying how many
-    blocks are checkpointed; ``compress.log`` records every run's outcome."""
-    accelerator = accelerator_for(device)
+    Loads the model and prepares the data once, measures the dense model once, runs the configured stages in the
+    project's order (``compressor.stages``), then measures, saves and reports once. A finished run of the same
+    settings in ``output.dir`` is not redone unless ``output.overwrite`` (or ``start_over``): its report is returned.
+    Ctrl-C raises ``RunInterrupted`` (a KeyboardInterrupt) saying how many blocks are checkpointed; ``compress.log``
+    records every run's outcome."""
     device = torch.device(device)
     started = time.perf_counter()
-    timings: dict[str, float] = {}
     out = Path(settings.output.dir)
     config = preflight(settings)
     previous = None if settings.schedule.dry_run else finished_run(settings, out)  # a dry run writes no report
@@ -280,132 +300,35 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     try:
-        log.info("compressing %s with %s %s on %s", settings.model.name_or_path, settings.pruning.method,
-                 settings.pruning.label, device)
+        todo = [stage for stage in stages() if stage.enabled(settings)]
+        log.info("compressing %s on %s: stages %s", settings.model.name_or_path, device,
+                 ", ".join(stage.name for stage in todo) or "none")
+        ctx = prepare(settings, config, device, out, progress, run, model_and_tokenizer)
+        if settings.schedule.dry_run:
+            report = dry_run_report(settings, make_schedule(settings, ctx.model, ctx.calib, device, out, progress),
+                                    ctx.timings, device, out)
+            run.finished("dry run")
+            return report
+        ppl_dense, zs_dense = {}, None
+        if settings.evaluation.dense_baseline:
+            ppl_dense, zs_dense = measure(ctx, "dense")
+        report: dict = {}
+        for stage in todo:
+            t = time.perf_counter()
+            report.update(stage.run(ctx))
+            ctx.timings[stage.name] = time.perf_counter() - t
+        ppl, zs = measure(ctx, "compressed")
+        report = run_header(settings, ctx, [stage.name for stage in todo]) | report
+        report["perplexity"] = {"dense": ppl_dense, "compressed": ppl,
+                                "bos": bos_used(ctx.tokenizer, settings.evaluation.bos),
+                                "windows": {k: list(v.shape) for k, v in ctx.corpora.items()}}
+        report["zeroshot"] = zeroshot.section(settings.evaluation, dense=zs_dense, compressed=zs)
+        report["peak_memory"] = peak_memory(device)
         t = time.perf_counter()
-        model, tokenizer = model_and_tokenizer or load_model(settings.model, config)
-        adapter = ModelAdapter(model)
-        identity = model_identity(model, tokenizer)
-        log.info("model weights in %s, fingerprint %s", identity["dtype"], identity["fingerprint"])
-        run.blocks_total = len(adapter.blocks)
-        dense = dense_counts(model, adapter)
-        timings["load"] = time.perf_counter() - t
-        check_disk_space(model, settings.output, out, settings.reconstruction.cross_block,
-                         settings.quantization.enabled)
-
-        t = time.perf_counter()
-        gen_device = device
-        rc = settings.recon_calibration
-        if any(GENERATED in s for s in (settings.calibration.sources, settings.evaluation.datasets,
-                                         rc.sources if rc else [])):
-            model.to(gen_device)
-        calib = calibration_windows(settings.calibration, model, tokenizer, identity["fingerprint"], gen_device)
-        recon_calib = None
-        if rc is not None and settings.reconstruction.enabled:
-            recon_calib = calibration_windows(rc, model, tokenizer, identity["fingerprint"], gen_device)
-        corpora = eval_corpora(settings, model, tokenizer, gen_device, identity["fingerprint"])
-        timings["data"] = time.perf_counter() - t
-
-        ppl_dense: dict[str, float] = {}
-        zs_dense = None
-        t = time.perf_counter()
-        if settings.evaluation.dense_baseline and not settings.schedule.dry_run:
-            for name, windows in corpora.items():
-                ppl_dense[name] = perplexity(model, windows, device, progress=progress,
-                                             desc=f"perplexity of the dense model on {corpus_label(name)}")
-                log.info("dense perplexity on %s: %.3f", name, ppl_dense[name])
-            zs_dense = zeroshot.measure(settings.evaluation, model, tokenizer, device, "dense")
-        timings["dense_eval"] = time.perf_counter() - t
-
-        schedule = None
-        if settings.schedule.needs_statistics:
-            schedule = make_schedule(settings, model, calib, device, out, progress)
-            timings["schedule"] = schedule.seconds
-            if settings.schedule.dry_run:
-                report = dry_run_report(settings, schedule, timings, device, out)
-                run.finished("dry run")
-                return report
-
-        heldout = None
-        if corpora and settings.evaluation.heldout_samples:
-            heldout = next(iter(corpora.values()))[: settings.evaluation.heldout_samples]
-        checkpoints, finished = None, []
-        if settings.output.checkpoint:
-            checkpoints = BlockCheckpoints(out / "checkpoints", settings, tensor_fingerprint(calib, recon_calib),
-                                           schedule.sparsity if schedule else None, identity)
-            run.checkpoints = checkpoints
-            finished = checkpoints.resume(settings.output.start_over)
-            if finished:
-                say(f"resuming: {len(finished)} of {len(adapter.blocks)} blocks done (checkpoints in "
-                    f"{out / 'checkpoints'})")
-            if finished and schedule and checkpoints.saved_schedule and checkpoints.saved_schedule != schedule.sparsity:
-                # the finished blocks followed the saved schedule: keep it (the dense pass may differ in the last
-                # bits on another machine and cross a level boundary)
-                log.warning("the recomputed schedule differs from the one the finished blocks used: keeping the saved")
-                schedule.sparsity = checkpoints.schedule = checkpoints.saved_schedule
-        t = time.perf_counter()
-        pruner = SequentialPruner(model, settings.pruning, settings.runtime, device,
-                                  sparsity_map=schedule.sparsity if schedule else None,
-                                  reconstruction=settings.reconstruction, log_dir=out / "logs",
-                                  accelerator=accelerator, quantization=settings.quantization)
-        blocks = pruner.run(calib, heldout, progress=progress, recon_calib=recon_calib, checkpoints=checkpoints,
-                            finished=finished,
-                            on_block=lambda r: log.info("block %d: %.2fs rel_err calib %s held-out %s", r.index,
-                                                        r.seconds, r.calib_rel_error, r.heldout_rel_error))
-        timings["prune"] = time.perf_counter() - t
-        moe = run_moe_step(settings, model, calib, out, device, progress, timings)
-
-        ppl: dict[str, float] = {}
-        t = time.perf_counter()
-        for name, windows in corpora.items():
-            ppl[name] = perplexity(model, windows, device, progress=progress,
-                                   desc=f"perplexity of the compressed model on {corpus_label(name)}")
-            log.info("compressed perplexity on %s: %.3f", name, ppl[name])
-        zs = zeroshot.measure(settings.evaluation, model, tokenizer, device, "compressed")
-        timings["eval"] = time.perf_counter() - t
-
-        per_layer = {f"{adapter.block_path}.{b.index}.{n}": s for b in blocks for n, s in b.sparsity.items()}
-        pruned_params = sum(pruner.masks[n].numel() for n in pruner.masks)
-        achieved = 1 - sum(int(m.sum()) for m in pruner.masks.values()) / max(pruned_params, 1)
-        total, nonzero = parameter_counts(model)
-        dense_zeros = sum(dense["linear_zeros"].get(n, 0) for n in pruner.masks)
-        report = {
-            "tool": "compressor",
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv),
-            "machine": machine_name(device),
-            "device": str(device),
-            "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                         "python": platform.python_version()},
-            "settings": asdict(settings),
-            "model": {"name": settings.model.name_or_path, "family": adapter.model_type,
-                      "blocks": len(adapter.blocks), "parameters": total, "nonzero": nonzero,
-                      "dense_nonzero": dense["nonzero"], "dtype": identity["dtype"], "fingerprint": identity["fingerprint"]},
-            "pruning": {"method": settings.pruning.method, "pattern": settings.pruning.label,
-                        "reconstruction": settings.reconstruction.mode, "schedule": settings.schedule.allocator},
-            "schedule": schedule.to_dict() if schedule else None,
-            "quantization": quantization_summary(settings.quantization, pruner, blocks),
-            "moe": moe,
-            "calibration": {"sources": settings.calibration.sources, "windows": int(calib.shape[0]),
-                            "bos": bos_used(tokenizer, settings.calibration.bos),
-                            "seqlen": int(calib.shape[1]), "tokens": int(calib.numel()),
-                            "reconstruction_windows": list(recon_calib.shape) if recon_calib is not None else None},
-            "sparsity": {"target": settings.pruning.target_sparsity, "achieved": achieved,
-                         "dense": dense_zeros / max(pruned_params, 1),
-                         "pruned_parameters": pruned_params, "per_layer": per_layer},
-            "blocks": [asdict(b) for b in blocks],
-            "perplexity": {"dense": ppl_dense, "compressed": ppl, "bos": bos_used(tokenizer, settings.evaluation.bos),
-                           "windows": {k: list(v.shape) for k, v in corpora.items()}},
-            "zeroshot": zeroshot.section(settings.evaluation, dense=zs_dense, compressed=zs),
-            "timings": timings,
-            "resumed_blocks": len(finished),
-            "peak_memory": peak_memory(device),
-            "outputs": {"dir": str(out)},
-        }
-        t = time.perf_counter()
-        save_outputs(report, model, tokenizer, pruner.masks, settings, out, pruner.quantized)
-        timings["save"] = time.perf_counter() - t
-        timings["total"] = time.perf_counter() - started
+        save_outputs(report, ctx, todo)
+        ctx.timings["save"] = time.perf_counter() - t
+        ctx.timings["total"] = time.perf_counter() - started
+        report["timings"] = ctx.timings
         report["checkpoints"] = checkpoints_summary(settings.output, out)
         atomic_write_json(out / "report.json", report)
         print_summary(report)
@@ -423,32 +346,86 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
         run.close()
 
 
-def run_moe_step(settings: RunSettings, model, calib: torch.Tensor, out: Path, device, progress: bool,
-                 timings: dict) -> dict | None:
-    """model.moe: convert the (pruned) FFNs into experts with trained routers (compressor.moe); its report section."""
-    if not settings.moe.enabled:
-        return None
-    from compressor.moe import run_moe
-
+def prepare(settings: RunSettings, config, device: torch.device, out: Path, progress: bool, run: RunLog,
+            model_and_tokenizer=None) -> RunContext:
+    """Load the model, check the disk, make the calibration and evaluation windows, open the checkpoints."""
+    timings: dict[str, float] = {}
+    log.info("compressing %s with %s %s on %s", settings.model.name_or_path, settings.pruning.method,
+             settings.pruning.label, device)
     t = time.perf_counter()
-    section = run_moe(model, calib, settings.moe, out, device, progress, settings.runtime.batch_size,
-                      settings.output.plots)
-    timings["moe"] = time.perf_counter() - t
-    return section
+    model, tokenizer = model_and_tokenizer or load_model(settings.model, config)
+    adapter = ModelAdapter(model)
+    identity = model_identity(model, tokenizer)
+    log.info("model weights in %s, fingerprint %s", identity["dtype"], identity["fingerprint"])
+    run.blocks_total = len(adapter.blocks)
+    dense = dense_counts(model, adapter)
+    timings["load"] = time.perf_counter() - t
+    check_disk_space(model, settings.output, out, settings.reconstruction.cross_block, settings.quantization.enabled,
+                     settings.activations.enabled and settings.activations.weight_bits > 0)
+    t = time.perf_counter()
+    rc = settings.recon_calibration
+    if any(GENERATED in s for s in (settings.calibration.sources, settings.evaluation.datasets,
+                                     rc.sources if rc else [])):
+        model.to(device)
+    calib = calibration_windows(settings.calibration, model, tokenizer, identity["fingerprint"], device)
+    recon_calib = None
+    if rc is not None and settings.reconstruction.enabled:
+        recon_calib = calibration_windows(rc, model, tokenizer, identity["fingerprint"], device)
+    corpora = eval_corpora(settings, model, tokenizer, device, identity["fingerprint"])
+    timings["data"] = time.perf_counter() - t
+    ctx = RunContext(settings, model, tokenizer, device, accelerator_for(device), out, calib, recon_calib, corpora,
+                     progress=progress, timings=timings, identity=identity, dense=dense)
+    if settings.output.checkpoint and not settings.schedule.dry_run:
+        ctx.checkpoints = BlockCheckpoints(out / "checkpoints", settings, tensor_fingerprint(calib, recon_calib),
+                                           model_identity=identity)
+        run.checkpoints = ctx.checkpoints
+        ctx.finished = ctx.checkpoints.resume(settings.output.start_over)
+        if ctx.finished:
+            say(f"resuming: {len(ctx.finished)} of {len(adapter.blocks)} blocks done (checkpoints in "
+                f"{out / 'checkpoints'})")
+    return ctx
 
 
-def make_schedule(settings: RunSettings, model, calib: torch.Tensor, device: torch.device, out: Path,
-                  progress: bool) -> Schedule:
-    """The dense statistics pass and the allocator; the schedule is written to schedule.json (+ png)."""
-    hidden = getattr(model.config, "hidden_size", None) or model.config.n_embd
-    need = 2 * calib.numel() * hidden * torch.finfo(model.dtype).bits // 8
-    store = choose_store_device(need, device, settings.runtime.activations)
-    schedule = build_schedule(model, calib, settings.schedule, settings.pruning, settings.runtime.batch_size, device,
-                              store, progress)
-    atomic_write_json(out / "schedule.json", schedule.to_dict())
-    if settings.output.plots:
-        plot_schedule(schedule, out / "schedule.png")
-    return schedule
+def measure(ctx: RunContext, label: str) -> tuple[dict[str, float], dict | None]:
+    """Perplexity on every evaluation corpus and the zero-shot tasks of the model as it stands ('dense' before the
+    stages, 'compressed' after: behind the cushion prefix when there is one); timed as ``dense_eval``/``eval``."""
+    t = time.perf_counter()
+    prefix = ctx.prefix if label != "dense" else None
+    ppl = {}
+    for name, windows in ctx.corpora.items():
+        ppl[name] = perplexity(ctx.model, windows, ctx.device, progress=ctx.progress, prefix=prefix,
+                               desc=f"perplexity of the {label} model on {corpus_label(name)}")
+        log.info("%s perplexity on %s: %.3f", label, name, ppl[name])
+    zs = zeroshot.measure(ctx.settings.evaluation, ctx.model, ctx.tokenizer, ctx.device, label, prefix=prefix)
+    ctx.timings["dense_eval" if label == "dense" else "eval"] = time.perf_counter() - t
+    return ppl, zs
+
+
+def run_header(settings: RunSettings, ctx: RunContext, stage_names: list[str]) -> dict:
+    """The report's sections every run has: tool, machine, settings, model, stages, calibration."""
+    total, nonzero = parameter_counts(ctx.model)
+    calib, recon_calib, identity = ctx.calib, ctx.recon_calib, ctx.identity
+    adapter = ModelAdapter(ctx.model)
+    return {
+        "tool": "compressor",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "machine": machine_name(ctx.device),
+        "device": str(ctx.device),
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                     "python": platform.python_version()},
+        "settings": asdict(settings),
+        "model": {"name": settings.model.name_or_path, "family": adapter.model_type,
+                  "blocks": len(adapter.blocks), "parameters": total, "nonzero": nonzero,
+                  "dense_nonzero": ctx.dense["nonzero"], "dtype": identity["dtype"],
+                  "fingerprint": identity["fingerprint"]},
+        "stages": stage_names,
+        "calibration": {"sources": settings.calibration.sources, "windows": int(calib.shape[0]),
+                        "bos": bos_used(ctx.tokenizer, settings.calibration.bos),
+                        "seqlen": int(calib.shape[1]), "tokens": int(calib.numel()),
+                        "reconstruction_windows": list(recon_calib.shape) if recon_calib is not None else None},
+        "resumed_blocks": len(ctx.finished),
+    }
 
 
 def dry_run_report(settings: RunSettings, schedule: Schedule, timings: dict, device, out: Path) -> dict:
@@ -466,64 +443,26 @@ def dry_run_report(settings: RunSettings, schedule: Schedule, timings: dict, dev
     return report
 
 
-def quantization_summary(cfg: QuantizationConfig, pruner: SequentialPruner, blocks) -> dict | None:
-    """Bits per weight (values, scales, mask) over the quantized layers, and the per-layer output error."""
-    if not cfg.enabled:
-        return None
-    numel = kept = groups = 0
-    for name, mask in pruner.masks.items():
-        if f"{name}.scales" in pruner.quantized:
-            numel += mask.numel()
-            kept += int(mask.sum())
-            groups += pruner.quantized[f"{name}.scales"].numel()
-    errors = {f"{b.index}.{n}": e for b in blocks for n, e in b.quant_error.items()}
-    return {"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "clip": cfg.clip,
-            "symmetric": cfg.symmetric,
-            "act_order": cfg.act_order if cfg.method == "gptq" else None, "joint": pruner.joint,
-            "bits_per_weight": bits_per_weight(numel, kept, groups, cfg.bits),
-            "output_error_total": sum(errors.values()) if errors else None, "layer_output_error": errors}
-
-
-def save_outputs(report: dict, model, tokenizer, masks: dict, settings: RunSettings, out: Path,
-                 quantized: dict | None = None) -> None:
-    """Model folder, masks, packed low-bit layers and plots, each written atomically; paths in the report."""
-    from safetensors.torch import save_file
-
-    outputs = report["outputs"]
+def save_outputs(report: dict, ctx: RunContext, todo: list) -> None:
+    """The model folder once (plain Hugging Face or a compressed-tensors export), then each stage's files, each
+    written atomically; paths in the report."""
+    settings, out, model, tokenizer = ctx.settings, ctx.out, ctx.model, ctx.tokenizer
+    outputs = report["outputs"] = {"dir": str(out)}
     if settings.output.save_model:
         model.to("cpu")
+        pruned = ctx.artifacts.get("prune") or {}
 
         def fill(tmp: Path) -> None:
             if settings.output.format == "compressed-tensors":
-                report["export"] = export_w4a16(model, tokenizer, tmp, quantized, masks,
+                report["export"] = export_w4a16(model, tokenizer, tmp, pruned.get("quantized"), pruned.get("masks"),
                                                 settings.quantization.group_size).summary()
                 return
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
 
         outputs["model"] = str(atomic_write_dir(out / "model", fill))
-    if settings.output.save_masks and masks:
-        contiguous = {k: v.contiguous() for k, v in masks.items()}
-        outputs["masks"] = str(atomic_write(out / "masks.safetensors", lambda tmp: save_file(contiguous, tmp)))
-    if quantized:
-        from compressor.quant.pack import pack_layer
-
-        packed = {}
-        for name, mask in masks.items():
-            if f"{name}.codes" in quantized:
-                layer = pack_layer(quantized[f"{name}.codes"], mask, quantized[f"{name}.scales"],
-                                   quantized[f"{name}.zeros"])
-                packed.update({f"{name}.{k}": v for k, v in layer.items()})
-        meta = {"group_size": str(settings.quantization.group_size), "bits": str(settings.quantization.bits)}
-        path = atomic_write(out / "quantized.safetensors", lambda tmp: save_file(packed, tmp, metadata=meta))
-        outputs["quantized"] = str(path)
-        report["quantization"]["file_bytes"] = path.stat().st_size
-    if settings.output.plots:
-        outputs["sparsity_plot"] = str(plot_sparsity(report["sparsity"]["per_layer"], out / "sparsity.png",
-                                                     report["sparsity"]["target"]))
-        err = plot_block_error(report["blocks"], out / "block_error.png")
-        if err:
-            outputs["error_plot"] = str(err)
+    for stage in todo:
+        outputs.update(stage.save(ctx, report))
     outputs["report"] = str(out / "report.json")
     outputs["log"] = str(out / "compress.log")
 
@@ -550,7 +489,13 @@ def validate_dir(model_cfg: ModelConfig, out_dir: str | None) -> Path:
 def validate(model_cfg: ModelConfig, evaluation: EvaluationConfig, calibration: CalibrationConfig,
              out_dir: str | None = None, device: str | torch.device = "cpu", progress: bool = True) -> dict:
     """Perplexity and achieved sparsity of a model or a compressed output folder; writes ``validate.json`` to
-    ``validate_dir(model_cfg, out_dir)`` and prints where."""
+    ``validate_dir(model_cfg, out_dir)`` and prints where.
+
+    What the folder's stages saved is applied: ``moe.safetensors`` beside it (experts and routers),
+    ``activations.safetensors`` (W8A8) and ``cushion.safetensors`` (the prefix in front of every window)."""
+    from compressor.cushion.prefix import find_prefix
+    from compressor.quant.w8a8 import load_saved
+
     device = torch.device(device)
     out = validate_dir(model_cfg, out_dir)
     settings = RunSettings(model=model_cfg, evaluation=evaluation, calibration=calibration,
@@ -561,9 +506,13 @@ def validate(model_cfg: ModelConfig, evaluation: EvaluationConfig, calibration: 
     moe = attach_saved_moe(model, model_cfg.name_or_path)
     identity = model_identity(model, tokenizer)
     corpora = eval_corpora(settings, model, tokenizer, device, identity["fingerprint"])
-    ppl = {name: perplexity(model, w, device, progress=progress, desc=f"perplexity on {corpus_label(name)}")
+    w8a8 = load_saved(model, model_cfg.name_or_path)  # after the corpora: generated text comes from the fp model
+    folder = Path(os.path.expanduser(model_cfg.name_or_path))
+    prefix = find_prefix(folder) if folder.is_dir() else None
+    ppl = {name: perplexity(model, w, device, progress=progress, desc=f"perplexity on {corpus_label(name)}",
+                            prefix=prefix)
            for name, w in corpora.items()}
-    zs = zeroshot.measure(evaluation, model, tokenizer, device, "model")
+    zs = zeroshot.measure(evaluation, model, tokenizer, device, "model", prefix=prefix)
     zeros = total = 0
     for _, module in adapter.iter_linears():
         w = weight_of(module)
@@ -573,6 +522,8 @@ def validate(model_cfg: ModelConfig, evaluation: EvaluationConfig, calibration: 
               "fingerprint": identity["fingerprint"], "bos": bos_used(tokenizer, evaluation.bos), "perplexity": ppl,
               "windows": {k: list(v.shape) for k, v in corpora.items()},
               "linear_sparsity": zeros / max(total, 1), "moe": moe, "machine": machine_name(device),
+              "activations": w8a8.summary()["granularity"] if w8a8 else None,
+              "cushion_prefix_len": len(prefix) if prefix is not None else 0,
               "zeroshot": zeroshot.section(evaluation, model=zs),
               "date": datetime.datetime.now().isoformat(timespec="seconds")}
     path = atomic_write_json(out / "validate.json", report)
@@ -587,6 +538,10 @@ def validate(model_cfg: ModelConfig, evaluation: EvaluationConfig, calibration: 
     table.add_row("sparsity of linear layers", f"{report['linear_sparsity']:.4f}")
     if moe:
         table.add_row("MoE FFNs (experts per token)", f"{moe['k']} of {moe['experts']} ({moe['variant']})")
+    if w8a8:
+        table.add_row("W8A8 activations (activations.safetensors)", w8a8.cfg.granularity)
+    if prefix is not None:
+        table.add_row("cushion prefix (cushion.safetensors), tokens", str(len(prefix)))
     for row in zeroshot.table_rows(report["zeroshot"], ("model",)):
         table.add_row(*row)
     Console().print(table)

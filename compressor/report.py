@@ -30,9 +30,12 @@ def summary_table(report: dict):
     """A rich Table: dense vs compressed side by side."""
     from rich.table import Table
 
-    recon = report["pruning"].get("reconstruction", "lr")
-    table = Table(title=f"compressor: {report['model']['name']} ({report['pruning']['method']} "
-                        f"{report['pruning']['pattern']}, reconstruction {recon})")
+    pruning = report.get("pruning")
+    recon = pruning.get("reconstruction", "lr") if pruning else "lr"
+    what = [f"{pruning['method']} {pruning['pattern']}, reconstruction {recon}"] if pruning else []
+    if report.get("activations"):
+        what.append(f"W8A8 {report['activations']['granularity']}")
+    table = Table(title=f"compressor: {report['model']['name']} ({'; '.join(what) or 'no stage'})")
     table.add_column("metric")
     table.add_column("dense", justify="right")
     table.add_column("compressed", justify="right")
@@ -40,11 +43,12 @@ def summary_table(report: dict):
     for corpus, values in ppl.get("compressed", {}).items():
         label = "held-out generated text" if corpus == "generated" else Path(corpus).name
         table.add_row(f"perplexity ({label})", _fmt(ppl.get("dense", {}).get(corpus)), _fmt(values))
-    sp = report["sparsity"]
+    sp = report.get("sparsity")
     model = report["model"]
-    # the dense column shows the source model as loaded (an input that is already sparse shows it), never assumed
-    table.add_row("sparsity of pruned linears", _fmt(sp.get("dense"), 4),
-                  f"{sp['achieved']:.4f} (target {sp['target']:.4f})")
+    if sp:
+        # the dense column shows the source model as loaded (an input that is already sparse shows it), never assumed
+        table.add_row("sparsity of pruned linears", _fmt(sp.get("dense"), 4),
+                      f"{sp['achieved']:.4f} (target {sp['target']:.4f})")
     table.add_row(f"nonzero parameters (of {model['parameters']:,})", _fmt_count(model.get("dense_nonzero")),
                   f"{model['nonzero']:,}")
     table.add_row("weights dtype (as saved)", model.get("dtype") or "-", model.get("dtype") or "-")
@@ -73,13 +77,21 @@ def summary_table(report: dict):
         table.add_row(f"weights: {quant['method']} INT{quant['bits']} g{quant['group_size']}{how}", dense_bits,
                       f"{bpw['total']:.3f} bits/weight (values {bpw['values']:.2f} + mask {bpw['mask']:.2f} "
                       f"+ scales {bpw['scales']:.3f})")
+    act = report.get("activations")
+    if act:
+        sq = f", SmoothQuant alpha {act['smoothquant_alpha']}" if act["smoothquant"] else ""
+        weights = f"W{act['weight_bits']}" if act["weight_bits"] else "weights kept"
+        table.add_row(f"activations: {act['granularity']} A{act['bits']}{sq}", "",
+                      f"{weights}; {act['quantized_inputs']} inputs of {act['quantized_layers']} layers, "
+                      f"largest |x| {_fmt(act['largest_input_absmax'])}")
     for row in table_rows(report.get("zeroshot")):
         table.add_row(*row)
     if report.get("resumed_blocks"):
         table.add_row("blocks resumed from checkpoints", "",
                       f"{report['resumed_blocks']} of {model.get('blocks', '?')}")
     t = report["timings"]
-    table.add_row("time: pruning / total (s)", "", f"{t['prune']:.1f} / {t['total']:.1f}")
+    stage_times = " / ".join(f"{name} {t[name]:.1f}" for name in report.get("stages", []) if name in t)
+    table.add_row("time: stages / total (s)", "", f"{stage_times or '-'} / {t['total']:.1f}")
     mem = report["peak_memory"]
     table.add_row("peak memory GPU / host (GB)", "", f"{_fmt(mem.get('gpu_gb'))} / {_fmt(mem['host_gb'])}")
     table.add_row("outputs", "", report["outputs"]["dir"])

@@ -54,13 +54,17 @@ class InputStatistics:
 
 
 class BlockStatistics:
-    """Context manager hooking a block's linear layers; ``stats[name]`` is the layer's shared accumulator."""
+    """Context manager hooking a block's linear layers; ``of(name)`` is the layer's shared accumulator.
 
-    def __init__(self, linears: dict[str, nn.Module], gram: bool):
+    ``make(cols, device)`` builds another kind of accumulator (anything with ``add(x)``), e.g. the per-channel
+    ranges of W8A8 calibration; the default is :class:`InputStatistics` (Gram matrix or column norms)."""
+
+    def __init__(self, linears: dict[str, nn.Module], gram: bool = False, make=None):
         self.linears = linears
         self.gram = gram
+        self.make = make or (lambda cols, device: InputStatistics(cols, device, gram))
         self.owner: dict[str, str] = {}  # linear name -> name of the linear whose accumulator it shares
-        self.accumulators: dict[str, InputStatistics] = {}
+        self.accumulators: dict = {}
         self._alive: list[tuple[str, torch.Tensor]] = []  # first-batch inputs, kept alive during discovery
         self._handles = []
 
@@ -90,7 +94,7 @@ class BlockStatistics:
                         return
                 self.owner[name] = name
                 self._alive.append((name, x))
-                self.accumulators[name] = InputStatistics(x.shape[-1], x.device, self.gram)
+                self.accumulators[name] = self.make(x.shape[-1], x.device)
             if self.owner[name] == name:
                 self.accumulators[name].add(x)
 

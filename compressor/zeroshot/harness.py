@@ -48,9 +48,12 @@ def harness_version() -> str:
 
 
 def run_harness(model, tokenizer, tasks: list[str], tasks_dir: str, limit: int | None = None, batch_size: int = 8,
-                device: str | torch.device | None = None) -> dict:
+                device: str | torch.device | None = None, prefix=None) -> dict:
     """The harness's raw results dict (``lm_eval.simple_evaluate``) for ``tasks`` on ``model`` (moved to
-    ``device`` when given). The tokenizer is copied: the harness may set its padding token."""
+    ``device`` when given), every forward behind the cushion ``prefix`` when given
+    (``compressor.cushion.prefix.behind``). The tokenizer is copied: the harness may set its padding token."""
+    from compressor.cushion.prefix import behind
+
     with offline():
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
@@ -61,8 +64,9 @@ def run_harness(model, tokenizer, tasks: list[str], tasks_dir: str, limit: int |
         was_training = model.training
         lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
         try:
-            return simple_evaluate(lm, tasks=task_configs(tasks, tasks_dir), task_manager=TaskManager(
-                include_defaults=False), limit=limit, log_samples=False, bootstrap_iters=1000)
+            with behind(model, prefix):
+                return simple_evaluate(lm, tasks=task_configs(tasks, tasks_dir), task_manager=TaskManager(
+                    include_defaults=False), limit=limit, log_samples=False, bootstrap_iters=1000)
         finally:
             model.train(was_training)
 
@@ -85,10 +89,11 @@ def task_record(results: dict, task: str) -> dict:
 
 
 def zeroshot_accuracy(model, tokenizer, tasks: list[str], tasks_dir: str, limit: int | None = None,
-                      batch_size: int = 8, device: str | torch.device | None = None) -> dict[str, dict]:
+                      batch_size: int = 8, device: str | torch.device | None = None, prefix=None) -> dict[str, dict]:
     """``{task: record}`` (see :func:`task_record`) for ``tasks``, 0-shot, the first ``limit`` documents of each
-    split (all when None). Raises ConfigError for an unknown task or a missing data file."""
-    results = run_harness(model, tokenizer, tasks, tasks_dir, limit, batch_size, device)
+    split (all when None), behind the cushion ``prefix`` when given. Raises ConfigError for an unknown task or a
+    missing data file."""
+    results = run_harness(model, tokenizer, tasks, tasks_dir, limit, batch_size, device, prefix)
     records = {t: task_record(results, t) for t in tasks}
     for t, r in records.items():
         log.info("zero-shot %s: acc %.4f%s (n=%d)", t, r["acc"],
@@ -103,14 +108,15 @@ def mean_accuracy(records: dict[str, dict] | None) -> float | None:
     return sum(r["acc"] for r in records.values()) / len(records)
 
 
-def measure(evaluation, model, tokenizer, device, which: str) -> dict[str, dict] | None:
+def measure(evaluation, model, tokenizer, device, which: str, prefix=None) -> dict[str, dict] | None:
     """The pipeline's hook: zero-shot records of ``model`` under ``evaluation.tasks`` (None when there are no
-    tasks); ``which`` ('dense', 'compressed', 'model') only names the run in the log."""
+    tasks), behind the cushion ``prefix`` when given; ``which`` ('dense', 'compressed', 'model') only names the
+    run in the log."""
     if not evaluation.tasks:
         return None
     log.info("zero-shot evaluation of the %s model: %s", which, ", ".join(evaluation.tasks))
     return zeroshot_accuracy(model, tokenizer, list(evaluation.tasks), evaluation.tasks_dir, evaluation.tasks_limit,
-                             evaluation.tasks_batch_size, device)
+                             evaluation.tasks_batch_size, device, prefix)
 
 
 def section(evaluation, **measured: dict | None) -> dict | None:
