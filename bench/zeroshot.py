@@ -35,8 +35,9 @@ from compressor.config import CalibrationConfig, EvaluationConfig, ModelConfig, 
 from compressor.data.calibration import evaluation_windows  # noqa: E402
 from compressor.evaluation import perplexity  # noqa: E402
 from compressor.io import atomic_write_json  # noqa: E402
+from compressor.models.identity import model_identity  # noqa: E402
 from compressor.models.loading import load_model  # noqa: E402
-from compressor.pipeline import RunSettings, compress, machine_name, model_id  # noqa: E402
+from compressor.pipeline import RunSettings, compress, machine_name  # noqa: E402
 from compressor.reconstruction.module import ReconstructionConfig  # noqa: E402
 from compressor.zeroshot import known_tasks, zeroshot_accuracy  # noqa: E402
 from compressor.zeroshot.harness import DERIVED_NOTE, harness_version, mean_accuracy  # noqa: E402
@@ -91,7 +92,7 @@ def main() -> None:
         model.load_state_dict(dense_state)
         t = time.perf_counter()
         if text == "dense":
-            windows = evaluation_windows(eval_file, args.seqlen, tokenizer, model, model_id(model_cfg),
+            windows = evaluation_windows(eval_file, args.seqlen, tokenizer, model, model_identity(model)["fingerprint"],
                                          args.max_windows, 0, CalibrationConfig().generation, 0, device)
             ppl = perplexity(model, windows, device, progress=False)
             zs = zeroshot_accuracy(model, tokenizer, list(args.tasks), tasks_dir, args.limit, batch, device)
