@@ -237,6 +237,9 @@ def pruned_part(model, tokenizer, calib, args, device, workdir: Path, cfg_kw, va
 
 
 def summary(out: Path) -> None:
+    if not out.is_file():  # --parts search alone: prefixes written to --workdir, no perplexity records yet
+        print(f"no records in {out} yet: run --parts table to measure the prefixes")
+        return
     records = json.loads(out.read_text())["records"]
     print(f"\n{'model':<22} {'activations':<19} {'SQ':<3} {'cushion':<15} {'len':>3} {'ppl':>10} {'max/med':>9}")
     for r in records:

@@ -113,7 +113,7 @@ def test_help_lists_what_applies(capsys):
     for key in ("--trainer.max_epochs", "--trainer.callbacks", "--optimizer", "--lr_scheduler", "--seed_everything"):
         assert key not in fit and key not in val
     assert "'last' only" in fit
-    assert len(fit.splitlines()) < 600  # was 899, with the usage block alone 126 lines
+    assert len(fit.splitlines()) < 700  # was 899, with the usage block alone 126 lines (609 with W8A8 and cushion)
     assert fit.splitlines()[0].startswith("usage: python cli.py fit [--config FILE]")
     for key in ("--model.pruning", "--model.reconstruction", "--model.schedule", "--model.quantization",
                 "--ckpt_path", "--output.keep_checkpoints", "--data.recon_calibration"):
