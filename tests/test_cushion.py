@@ -9,7 +9,15 @@ from conftest import tiny_llama
 from compressor.config import CalibrationConfig, ConfigError, EvaluationConfig, ModelConfig, OutputConfig
 from compressor.cushion.config import CushionConfig
 from compressor.cushion.error import LinearInputError, distinct_linear_inputs, row_error
-from compressor.cushion.prefix import compute_prefix, find_prefix, generate, load_prefix, prefixed_inputs, save_prefix
+from compressor.cushion.prefix import (
+    behind,
+    compute_prefix,
+    find_prefix,
+    generate,
+    load_prefix,
+    prefixed_inputs,
+    save_prefix,
+)
 from compressor.cushion.search import candidate_errors, draw_texts, greedy_search, text_error
 from compressor.cushion.stage import block_input_outliers, run_cushion
 from compressor.cushion.tuning import input_error, tune_prefix
@@ -70,6 +78,24 @@ def test_prefix_as_kv_cache_equals_the_same_tokens_run_as_text():
     assert kwargs["attention_mask"].shape == (2, 15)
     with torch.no_grad():
         torch.testing.assert_close(model(**kwargs).logits, full, atol=1e-5, rtol=1e-5)
+
+
+def test_plain_calls_behind_a_prefix_run_after_it_and_only_inside_the_block():
+    # what lm-evaluation-harness's wrapper does: model(input_ids).logits, nothing else
+    model, _ = model_and_tokenizer()
+    prefix = compute_prefix(model, [VOCAB, 9])
+    text = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(input_ids=torch.cat([prefix.token_ids.expand(2, -1), text], 1)).logits[:, 2:]
+        plain = model(text).logits
+        with behind(model, prefix):
+            hooked = model(text).logits
+            masked = model(text, torch.ones_like(text)).logits
+        after = model(text).logits
+    torch.testing.assert_close(hooked, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masked, full, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(plain, full, atol=1e-3)
+    torch.testing.assert_close(after, plain)  # the hook is gone
 
 
 def test_ranges_with_a_prefix_see_the_text_positions_only():
