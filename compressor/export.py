@@ -36,8 +36,11 @@ W8A8_FORMAT = "int-quantized"
 CONV1D_FAMILIES = ("gpt2",)
 
 
-def check_export(output, quantization, model_type: str) -> None:
-    """ConfigError, before any work, when ``output.format`` cannot be written for this run."""
+def check_export(output, quantization, model_type: str, activations=None) -> None:
+    """ConfigError, before any work, when ``output.format`` cannot be written for this run: W4A16 for INT4
+    weights (``quantization``), W8A8 ``int-quantized`` for the activations stage (``activations``, an
+    ``ActivationQuantConfig``: per-tensor static, symmetric, 8-bit inputs and per-channel 8-bit weights, no
+    SmoothQuant, whose factors the format has no place for)."""
     if output.format != "compressed-tensors":
         return
     if not output.save_model:
@@ -47,6 +50,12 @@ def check_export(output, quantization, model_type: str) -> None:
     except ImportError as exc:
         raise ConfigError("output.format='compressed-tensors' needs the compressed-tensors package "
                           "(pip install compressed-tensors==0.20.1, Python >= 3.11)") from exc
+    if model_type in CONV1D_FAMILIES:
+        raise ConfigError(f"output.format='compressed-tensors' packs nn.Linear layers; model family {model_type!r} "
+                          f"uses Conv1D: use output.format=hf")
+    if activations is not None and activations.enabled:
+        check_w8a8_export(quantization, activations)
+        return
     if not quantization.enabled:
         raise ConfigError("output.format='compressed-tensors' stores quantized weights and this run quantizes "
                           "none: set quantization.method to rtn or gptq (with symmetric=true), or output.format=hf")
@@ -54,9 +63,35 @@ def check_export(output, quantization, model_type: str) -> None:
         raise ConfigError(f"output.format='compressed-tensors' writes W4A16 (symmetric int4, as the GPU kernels "
                           f"need): set quantization.bits=4 and quantization.symmetric=true (got bits="
                           f"{quantization.bits}, symmetric={quantization.symmetric})")
-    if model_type in CONV1D_FAMILIES:
-        raise ConfigError(f"output.format='compressed-tensors' packs nn.Linear layers; model family {model_type!r} "
-                          f"uses Conv1D: use output.format=hf")
+
+
+def check_w8a8_export(quantization, activations) -> None:
+    """ConfigError naming every W8A8 setting the ``int-quantized`` scheme we write cannot hold."""
+    a = activations
+    wrong = [f"{k}={v!r} (need {need})" for k, v, need, ok in (
+        ("model.activations.granularity", a.granularity, "per_tensor_static", a.granularity == "per_tensor_static"),
+        ("model.activations.symmetric", a.symmetric, "true", a.symmetric),
+        ("model.activations.bits", a.bits, 8, a.bits == 8),
+        ("model.activations.weight_bits", a.weight_bits, 8, a.weight_bits == 8),
+        ("model.activations.weight_group_size", a.weight_group_size, "null", a.weight_group_size is None),
+        ("model.activations.smoothquant", a.smoothquant, "false", not a.smoothquant),
+        ("model.quantization.method", quantization.method, "none", not quantization.enabled)) if not ok]
+    if wrong:
+        raise ConfigError("output.format='compressed-tensors' writes W8A8 as int8 weights per output channel and "
+                          "int8 inputs with one static symmetric scale per tensor (int-quantized); this run has "
+                          f"{'; '.join(wrong)}: change those, or use output.format=hf")
+
+
+def w8a8_state_layers(state) -> tuple[dict, dict, dict]:
+    """``(codes, weight_scales, input_scales)`` for :func:`export_w8a8` from a ``compressor.quant.w8a8.W8A8``
+    state: every quantized linear's int8 codes ``[out, in]``, its scales ``[out]`` and the static scale of
+    the input it reads (shared inputs give their layers the same scale)."""
+    codes, weight_scales, input_scales = {}, {}, {}
+    for name, (q, scale) in state.weights.items():
+        codes[name] = q.cpu()
+        weight_scales[name] = scale.reshape(-1).float().cpu()
+        input_scales[name] = state.inputs[state.owner[name]].scale.detach().float().cpu().clone()  # one tensor each
+    return codes, weight_scales, input_scales
 
 
 def load_kwargs(folder: str | Path) -> dict:

@@ -33,16 +33,16 @@ from compressor.config import (
     PruningConfig,
     RuntimeConfig,
 )
+from compressor.cushion.config import CushionConfig
 from compressor.data.calibration import calibration_windows, evaluation_windows
 from compressor.data.text import window_bos
 from compressor.evaluation import perplexity
-from compressor.export import check_export, export_w4a16
+from compressor.export import check_export, export_w4a16, export_w8a8, w8a8_state_layers
 from compressor.io import atomic_write_dir, atomic_write_json, folder_bytes, writable_dir
 from compressor.models.adapters import ModelAdapter, check_supported, max_context, weight_of
 from compressor.models.checks import check_layer_shapes
 from compressor.models.identity import model_identity
 from compressor.models.loading import check_tokenizer_present, load_config, load_model
-from compressor.cushion.config import CushionConfig
 from compressor.moe.config import MoEConfig
 from compressor.quant.activations import ActivationQuantConfig
 from compressor.quant.int4 import QuantizationConfig
@@ -110,7 +110,7 @@ def preflight(settings: RunSettings):
     for name, value in checks:
         if limit is not None and value > limit:
             raise ConfigError(f"{name}={value} is above the model's context of {limit} tokens: use at most {limit}")
-    check_export(settings.output, settings.quantization, config.model_type)
+    check_export(settings.output, settings.quantization, config.model_type, settings.activations)
     writable_dir(settings.output.dir, "output.dir")
     return config
 
@@ -453,6 +453,10 @@ def save_outputs(report: dict, ctx: RunContext, todo: list) -> None:
         pruned = ctx.artifacts.get("prune") or {}
 
         def fill(tmp: Path) -> None:
+            w8a8 = ctx.artifacts.get("activations")
+            if settings.output.format == "compressed-tensors" and w8a8 is not None:
+                report["export"] = export_w8a8(model, tokenizer, tmp, *w8a8_state_layers(w8a8)).summary()
+                return
             if settings.output.format == "compressed-tensors":
                 report["export"] = export_w4a16(model, tokenizer, tmp, pruned.get("quantized"), pruned.get("masks"),
                                                 settings.quantization.group_size).summary()

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_llama
 from safetensors.torch import load_file
 
 from compressor.config import (
@@ -20,7 +21,6 @@ from compressor.export import check_export, export_w4a16, export_w8a8, w4a16_lay
 from compressor.models.adapters import ModelAdapter
 from compressor.models.loading import load_model
 from compressor.quant.int4 import QuantizationConfig, quantize_rtn
-from conftest import tiny_llama
 
 pytest.importorskip("compressed_tensors")
 
@@ -144,6 +144,42 @@ def test_w8a8_round_trip_within_one_step(tmp_path):
     assert acts["num_bits"] == 8 and acts["strategy"] == "tensor" and acts["dynamic"] is False and acts["symmetric"]
 
 
+def test_pipeline_writes_w8a8_static_scales_the_run_calibrated(tmp_path):
+    from test_zeroshot import byte_tokenizer
+
+    from compressor.pipeline import RunSettings, compress
+    from compressor.quant.activations import ActivationQuantConfig, fake_quant
+    from compressor.quant.w8a8 import FILE
+
+    tok = byte_tokenizer()
+    model = tiny_llama(layers=2, hidden=128, vocab=len(tok), seed=5)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"word{i % 89} says more {i}." for i in range(2000)))
+    acts = ActivationQuantConfig(granularity="per_tensor_static", symmetric=True)
+    settings = RunSettings(pruning=PruningConfig(method="sparsegpt", sparsity=0.5),
+                           calibration=CalibrationConfig(sources=[str(text)], num_samples=4, seqlen=64),
+                           evaluation=EvaluationConfig(datasets=[], dense_baseline=False),
+                           output=OutputConfig(dir=str(tmp_path / "out"), plots=False, format="compressed-tensors"),
+                           activations=acts)
+    report = compress(settings, "cpu", progress=False, model_and_tokenizer=(model, tok))
+    assert report["export"]["scheme"] == "W8A8" and report["export"]["packed_layers"] == 14
+    folder = tmp_path / "out" / "model"
+    saved = load_file(folder / FILE)  # our own record of the same run, beside the export
+    state, back = load_file(folder / "model.safetensors"), library_weights(folder)
+    masks = load_file(tmp_path / "out" / "masks.safetensors")
+    for name, module in ModelAdapter(model).iter_linears():
+        assert torch.equal(state[f"{name}.weight"], saved[f"weight.{name}.codes"]), name
+        assert torch.equal(back[name], module.weight), name  # the library's dequantized weights are the run's
+        assert (back[name][~masks[name]] == 0).all()
+    # a shared input (q/k/v) has one scale; the exported input scale quantizes as our quantizer does
+    q, k = (state[f"model.layers.1.self_attn.{p}_proj.input_scale"] for p in ("q", "k"))
+    assert torch.equal(q, k) and q.item() == pytest.approx(saved["input.model.layers.1.self_attn.q_proj.scale"].item())
+    x = torch.randn(4, 128) * 3
+    ours = fake_quant(x, q.reshape(()), torch.zeros(()), 8, True)
+    theirs = torch.clamp(torch.round(x / q), -128, 127) * q
+    assert ((ours - theirs).abs() <= q + 1e-6).all()  # within one step (they differ only at the -128 end)
+
+
 def test_export_settings_are_checked_before_any_work():
     ct = OutputConfig(format="compressed-tensors")
     with pytest.raises(ConfigError, match="output.format='jax' is unknown: choose one of hf, compressed-tensors"):
@@ -156,13 +192,23 @@ def test_export_settings_are_checked_before_any_work():
         check_export(ct, QuantizationConfig(method="rtn", symmetric=True), "gpt2")
     check_export(ct, QuantizationConfig(method="gptq", symmetric=True), "llama")
     check_export(OutputConfig(), QuantizationConfig(), "gpt2")
+    from compressor.quant.activations import ActivationQuantConfig
+
+    good = ActivationQuantConfig(granularity="per_tensor_static", symmetric=True)
+    check_export(ct, QuantizationConfig(), "llama", good)
+    with pytest.raises(ConfigError, match=r"granularity='per_token_dynamic' \(need per_tensor_static\); "
+                                          r"model.activations.symmetric=False \(need true\)"):
+        check_export(ct, QuantizationConfig(), "llama", ActivationQuantConfig(granularity="per_token_dynamic"))
+    with pytest.raises(ConfigError, match="smoothquant=True"):
+        check_export(ct, QuantizationConfig(), "llama",
+                     ActivationQuantConfig(granularity="per_tensor_static", symmetric=True, smoothquant=True))
 
 
 def test_pipeline_writes_a_compressed_tensors_model(tmp_path):
+    from test_zeroshot import byte_tokenizer
     from transformers import AutoModelForCausalLM
 
     from compressor.pipeline import RunSettings, compress
-    from test_zeroshot import byte_tokenizer
 
     tok = byte_tokenizer()
     model = tiny_llama(layers=2, hidden=128, vocab=len(tok), seed=4)

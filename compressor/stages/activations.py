@@ -57,6 +57,7 @@ class ActivationsStage:
                                    progress=ctx.progress, **behind)
             if cp is not None:
                 cp.save_stage(self.name, key, *self.state.tensors())
+        ctx.artifacts[self.name] = self.state  # the model folder's W8A8 export reads it
         summary = self.state.summary()
         log.info("activations: %s W8A8 on %d inputs of %d layers (SmoothQuant %s), largest input |x| %.1f",
                  cfg.granularity, summary["quantized_inputs"], summary["quantized_layers"], cfg.smoothquant,
