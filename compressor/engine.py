@@ -257,14 +257,18 @@ def check_finite(index: int, batches: list[torch.Tensor]) -> None:
                 "reconstruction lr.")
 
 
-def stream_error(dense: list[torch.Tensor], sparse: list[torch.Tensor], device) -> tuple[float, float]:
-    """(normalized error (1/(N*T*H)) ||dense - sparse||^2, relative error ||dense - sparse||^2 / ||dense||^2)."""
+def stream_error(dense: list[torch.Tensor], sparse: list[torch.Tensor], device, reduce=None) -> tuple[float, float]:
+    """(normalized error (1/(N*T*H)) ||dense - sparse||^2, relative error ||dense - sparse||^2 / ||dense||^2).
+
+    ``reduce`` (``ProcessGroup.all_reduce_sum``): the sums are over every rank's share of the windows."""
     sq, ref, n = 0.0, 0.0, 0
     for d, s in zip(dense, sparse):
         d, s = d.to(device).float(), s.to(device).float()
         sq += (d - s).square().sum().item()
         ref += d.square().sum().item()
         n += d.numel()
+    if reduce is not None:
+        sq, ref, n = reduce([sq, ref, n])
     return sq / max(n, 1), sq / max(ref, 1e-30)
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from compressor.config import PruningConfig, RuntimeConfig
+from compressor.distributed import ProcessGroup, assign_owners, current, sparsegpt_cost
 from compressor.engine import (  # noqa: F401 (the engine's names, re-exported for callers of this module)
     BlockKwargs,
     Stream,
@@ -69,8 +70,13 @@ class SequentialPruner:
     def __init__(self, model: nn.Module, pruning: PruningConfig, runtime: RuntimeConfig, device: torch.device,
                  sparsity_map: dict[str, float] | None = None, reconstruction: ReconstructionConfig | None = None,
                  log_dir: Path | None = None, accelerator: str = "auto",
-                 quantization: QuantizationConfig | None = None, homes=None, keep_masks: bool = True):
+                 quantization: QuantizationConfig | None = None, homes=None, keep_masks: bool = True,
+                 group: ProcessGroup | None = None):
         self.model = model
+        self.group = group or current()
+        """The ranks walking the blocks together (``compressor.distributed``): each takes its share of the windows,
+        statistics are reduced, each layer is pruned and quantized on its owner rank and broadcast."""
+        self._layer_rank: dict[str, int] = {}  # full layer name -> the rank that pruned it (and holds its Hessian)
         self.adapter = ModelAdapter(model)
         self.pruning = pruning
         self.runtime = runtime
@@ -121,15 +127,18 @@ class SequentialPruner:
             full = f"{self.adapter.block_path}.{i}.{name}"
             if full not in self.masks or f"{full}.codes" in self.quantized:  # unpruned, or quantized when pruned
                 continue
-            w, mask = weight_of(module).detach().float(), self.masks[full].to(self.device)
-            if q.method == "gptq":
-                res = quantize_gptq(w, hessians[name], mask, q.bits, q.group_size, q.percdamp, q.blocksize, q.clip,
-                                    q.act_order, symmetric=q.symmetric)
-            else:
-                res = quantize_rtn(w, mask, q.bits, q.group_size, q.clip, symmetric=q.symmetric)
-            if name in hessians:
-                report.quant_error[name] = output_error(w, res.dequantized, hessians[name])
-            self._store_quantized(full, module, res)
+            src = self._layer_rank.get(full, 0)  # the rank holding its Hessian
+            if src == self.group.rank:
+                w, mask = weight_of(module).detach().float(), self.masks[full].to(self.device)
+                if q.method == "gptq":
+                    res = quantize_gptq(w, hessians[name], mask, q.bits, q.group_size, q.percdamp, q.blocksize,
+                                        q.clip, q.act_order, symmetric=q.symmetric)
+                else:
+                    res = quantize_rtn(w, mask, q.bits, q.group_size, q.clip, symmetric=q.symmetric)
+                if name in hessians:
+                    report.quant_error[name] = output_error(w, res.dequantized, hessians[name])
+                self._store_quantized(full, module, res)
+            self._share_layers(i, {name: module}, src, report)
 
     def _fit(self, first: int, blocks: list[nn.Module], inputs: Stream, targets: list[torch.Tensor],
              report: BlockReport, progress: bool) -> None:
@@ -151,6 +160,8 @@ class SequentialPruner:
         from tqdm.auto import tqdm
 
         recon = self.recon
+        g = self.group
+        calib, heldout, recon_calib = g.shard(calib), g.shard(heldout), g.shard(recon_calib)
         n_held = 0 if heldout is None else heldout.shape[0]
         n_rec = 0 if recon_calib is None else recon_calib.shape[0]
         store = choose_store_device(self._stream_bytes(calib.shape[0] + n_held + n_rec, calib.shape[1]),
@@ -164,7 +175,8 @@ class SequentialPruner:
                                                                       self.device, store)
         else:
             rec = capture_block_inputs(self.model, self.adapter, recon_calib, rbs, self.device, store)
-        held = capture_block_inputs(self.model, self.adapter, heldout, bs, self.device, store) if n_held else None
+        held = (capture_block_inputs(self.model, self.adapter, heldout, bs, self.device, store)
+                if heldout is not None else None)
         streams = [s for s in (prune_stream, rec, held) if s is not None]
         streams = list({id(s): s for s in streams}.values())
         need_dense = self.runtime.track_error or recon.global_target
@@ -177,7 +189,7 @@ class SequentialPruner:
         blocks = self.adapter.blocks
         prev: dict | None = None  # cross-block: the previous block's inputs and report
         label = f"{self.pruning.method} {self.pruning.label}" + (f" + {recon.mode}" if recon.enabled else "")
-        bar = tqdm(range(len(blocks)), desc=f"compressing ({label})", unit="block", disable=not progress)
+        bar = tqdm(range(len(blocks)), desc=f"compressing ({label})", unit="block", disable=not progress or not g.is_main)
         for i in bar:
             t0 = time.perf_counter()
             block = blocks[i]
@@ -207,7 +219,7 @@ class SequentialPruner:
                 self._prune_block(i, block, prune_stream, kind, report)
             if need_dense and restored is None:
                 report.calib_error_pruned, report.calib_rel_error_pruned = stream_error(
-                    dense_rec.batches, run_block(block, rec, self.device), self.device)
+                    dense_rec.batches, run_block(block, rec, self.device), self.device, g.all_reduce_sum)
             if recon.cross_block:
                 prev = self._cross_block_step(i, block, streams, rec, dense_rec, held, dense_held,
                                               {"restored": True} if restored else prev, report, progress, on_block,
@@ -221,9 +233,13 @@ class SequentialPruner:
                     advance(block, s, self.device)
                 check_finite(i, rec.batches)
                 self._measure(report, rec, dense_rec, held, dense_held)
+                g.check_identical({**{f"weight {k}": v for k, v in block.state_dict().items()},
+                                   **{f"mask {k}": v for k, v in self._block_masks(i, block).items()}}, f"block {i}")
             if checkpoints is not None and not recon.cross_block:
-                checkpoints.save(i, block, self._block_masks(i, block), asdict(report),
-                                 self._block_masks(i, block, self.quantized))
+                if g.is_main:
+                    checkpoints.save(i, block, self._block_masks(i, block), asdict(report),
+                                     self._block_masks(i, block, self.quantized))
+                g.barrier()  # the block is marked done (manifest written) before any rank moves on
             self._release(i, block)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -247,10 +263,11 @@ class SequentialPruner:
     def _measure(self, report: BlockReport, rec, dense_rec, held, dense_held) -> None:
         if dense_rec is None:
             return
-        report.calib_error, report.calib_rel_error = stream_error(dense_rec.batches, rec.batches, self.device)
+        reduce = self.group.all_reduce_sum
+        report.calib_error, report.calib_rel_error = stream_error(dense_rec.batches, rec.batches, self.device, reduce)
         if dense_held:
             report.heldout_error, report.heldout_rel_error = stream_error(dense_held.batches, held.batches,
-                                                                          self.device)
+                                                                          self.device, reduce)
 
     def _restore_pending(self, i: int, block: nn.Module, checkpoints, entry: dict) -> BlockReport:
         """Cross-block resume: block ``i`` as it was after the window it shared with block ``i - 1``."""
@@ -344,27 +361,82 @@ class SequentialPruner:
     def _prune_layers(self, i: int, layers: dict[str, nn.Module], stats: BlockStatistics | None,
                       report: BlockReport) -> None:
         """Prune ``layers`` of block ``i``; layers reading one input are pruned together (one Hessian tensor,
-        and for SparseGPT one factorization and one stacked sweep)."""
+        and for SparseGPT one factorization and one stacked sweep). With several ranks each such group is pruned
+        on an owner rank (balanced by :func:`compressor.distributed.sparsegpt_cost`), its statistics reduced into
+        that rank first and its results broadcast after."""
         groups: dict[str, list[str]] = {}
         for name in layers:
             groups.setdefault(stats.owner[name] if stats is not None else name, []).append(name)
+        g = self.group
+        ranks = dict.fromkeys(groups, g.rank)
+        if g.distributed:
+            costs = {o: sum(sparsegpt_cost(*weight_of(layers[n]).shape) for n in names) for o, names in groups.items()}
+            ranks = assign_owners(costs, g.world_size)
+            for owner in groups:
+                if stats is not None:
+                    g.reduce_statistics(stats.of(owner), ranks[owner])
         for owner, names in groups.items():
-            fulls = [f"{self.adapter.block_path}.{i}.{n}" for n in names]
-            weights = [weight_of(layers[n]) for n in names]
-            hessian = stats.of(owner).take_hessian() if stats is not None and stats.gram else None
-            sparsities = [self.sparsity_map.get(f) for f in fulls]
-            if hessian is not None and self.joint:
-                self._prune_quantize({n: layers[n] for n in names}, fulls, hessian, sparsities, report)
-                continue
-            results = prune_shared(weights, stats.of(owner) if stats else None, self.pruning, sparsities, hessian)
-            for name, full, w, (new_w, mask) in zip(names, fulls, weights, results):
-                if hessian is not None:
-                    report.layer_error[name] = output_error(w, new_w, hessian)
-                    if self.quant.method == "gptq":
-                        self._hessians.setdefault(i, {})[name] = hessian
-                set_weight(layers[name], new_w)
-                self.masks[full] = mask.cpu()
-                report.sparsity[name] = achieved_sparsity(mask)
+            for n in names:
+                self._layer_rank[f"{self.adapter.block_path}.{i}.{n}"] = ranks[owner]
+            if ranks[owner] == g.rank:
+                self._prune_group(i, {n: layers[n] for n in names}, stats, owner, report)
+        for owner, names in groups.items():
+            self._share_layers(i, {n: layers[n] for n in names}, ranks[owner], report)
+
+    def _prune_group(self, i: int, layers: dict[str, nn.Module], stats: BlockStatistics | None, owner: str,
+                     report: BlockReport) -> None:
+        """Prune layers of block ``i`` that read one input (``owner``'s accumulator in ``stats``)."""
+        names = list(layers)
+        fulls = [f"{self.adapter.block_path}.{i}.{n}" for n in names]
+        weights = [weight_of(layers[n]) for n in names]
+        hessian = stats.of(owner).take_hessian() if stats is not None and stats.gram else None
+        sparsities = [self.sparsity_map.get(f) for f in fulls]
+        if hessian is not None and self.joint:
+            self._prune_quantize(layers, fulls, hessian, sparsities, report)
+            return
+        results = prune_shared(weights, stats.of(owner) if stats else None, self.pruning, sparsities, hessian)
+        for name, full, w, (new_w, mask) in zip(names, fulls, weights, results):
+            if hessian is not None:
+                report.layer_error[name] = output_error(w, new_w, hessian)
+                if self.quant.method == "gptq":
+                    self._hessians.setdefault(i, {})[name] = hessian
+            set_weight(layers[name], new_w)
+            self.masks[full] = mask.cpu()
+            report.sparsity[name] = achieved_sparsity(mask)
+
+    def _share_layers(self, i: int, layers: dict[str, nn.Module], src: int, report: BlockReport) -> None:
+        """Several ranks: rank ``src``'s results for ``layers`` of block ``i`` (weights, masks, quantized parts and
+        their report entries) copied into every other rank."""
+        g = self.group
+        if not g.distributed:
+            return
+        prefix = f"{self.adapter.block_path}.{i}."
+        payload = meta = None
+        if g.rank == src:
+            payload = {}
+            for n, m in layers.items():
+                full = prefix + n
+                payload[f"w.{n}"] = weight_of(m).detach()
+                if full in self.masks:
+                    payload[f"m.{n}"] = self.masks[full]
+                for part in ("codes", "scales", "zeros"):
+                    if f"{full}.{part}" in self.quantized:
+                        payload[f"q.{n}.{part}"] = self.quantized[f"{full}.{part}"]
+            meta = {f: {n: v for n, v in getattr(report, f).items() if n in layers}
+                    for f in ("sparsity", "layer_error", "quant_error")}
+        tensors, meta = g.broadcast_tensors(payload, src, meta)
+        if g.rank == src:
+            return
+        for key, t in tensors.items():
+            kind, rest = key.split(".", 1)
+            if kind == "w":
+                set_weight(layers[rest], t)
+            elif kind == "m":
+                self.masks[prefix + rest] = t.cpu()
+            else:
+                self.quantized[prefix + rest] = t.cpu()
+        for f, values in meta.items():
+            getattr(report, f).update(values)
 
     @property
     def joint(self) -> bool:

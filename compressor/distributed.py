@@ -1,0 +1,193 @@
+"""The process-group view of a multi-GPU run: who am I, my share of the windows, the collectives the walk needs.
+
+One process per device, started by ``torchrun`` (shared/guide/design.md, "Multi-GPU"). Every rank holds the
+whole model and walks the blocks in step; the calibration windows are split between ranks exactly
+(contiguous shards, no padding: a repeated window would count twice in a Hessian). Statistics are sums, so
+they are reduced across ranks before use; each layer is pruned (and quantized) on one owner rank chosen to
+balance the work and the result is broadcast, so that every rank holds the same weights and masks after
+each block (checked by :meth:`ProcessGroup.check_identical`). Rank 0 writes.
+
+Without ``torch.distributed`` initialised, :func:`current` is a one-process view whose collectives do
+nothing, so single-device runs go through the same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """``[start, stop)`` of rank ``rank``'s contiguous share of ``n`` items: sizes differ by at most one, the first
+    ``n % world`` ranks take one more; no item is repeated or left out (a rank may get none when ``n < world``)."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def assign_owners(costs: dict[str, float], world: int) -> dict[str, int]:
+    """Owner rank of each job, balancing the summed cost per rank (longest job first, each to the least loaded
+    rank; ties to the lowest rank, so every rank computes the same assignment)."""
+    load = [0.0] * world
+    owners = {}
+    for name in sorted(costs, key=lambda k: (-costs[k], k)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owners[name] = rank
+        load[rank] += costs[name]
+    return owners
+
+
+def sparsegpt_cost(rows: int, cols: int) -> float:
+    """Work of pruning (or quantizing) ``rows`` outputs reading ``cols`` inputs with an OBS sweep: the sweep's updates
+    (rows * cols^2) and the Hessian's factorization (cols^3), in multiply-adds."""
+    return float(rows) * cols * cols + float(cols) ** 3
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    """This process's place in the run: ``rank`` of ``world_size``, and the device its collectives use (the rank's
+    GPU under NCCL, the CPU under gloo). With ``world_size`` 1 every collective returns its input."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that writes outputs, checkpoints and the report."""
+        return self.rank == 0
+
+    def shard(self, windows: torch.Tensor | None) -> torch.Tensor | None:
+        """This rank's contiguous share of ``windows`` ``[n, ...]`` (see :func:`shard_bounds`); None stays None."""
+        if windows is None or not self.distributed:
+            return windows
+        start, stop = shard_bounds(windows.shape[0], self.rank, self.world_size)
+        return windows[start:stop]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """Rank 0 runs the body first (it may write a cache, e.g. generated text), then the others (reading it)."""
+        if self.distributed and not self.is_main:
+            dist.barrier()
+        yield
+        if self.distributed and self.is_main:
+            dist.barrier()
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Sums over ranks of a few numbers (error sums, token counts), in float64."""
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def reduce_statistics(self, acc, dst: int | None = None) -> None:
+        """Sum an input-statistics accumulator (``compressor.pruning.statistics.InputStatistics``: its Gram matrix or
+        column sums of squares, and its token count) over ranks, into rank ``dst`` (None: into every rank). After a
+        reduce to ``dst`` the other ranks' copies are partial sums and must not be used."""
+        if not self.distributed:
+            return
+        tensors = [t for t in (acc.gram, acc.sq_norm) if t is not None]
+        tokens = torch.tensor([float(acc.tokens)], dtype=torch.float64, device=self.device)
+        for t in (*tensors, tokens):
+            moved = t.to(self.device)
+            if dst is None:
+                dist.all_reduce(moved)
+            else:
+                dist.reduce(moved, dst)
+            if moved is not t:
+                t.copy_(moved)
+        acc.tokens = int(tokens.item())
+
+    def broadcast_object(self, obj, src: int = 0):
+        """A picklable object (a schedule, a report's numbers) from rank ``src`` to every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
+
+    def broadcast_tensors(self, tensors: dict[str, torch.Tensor] | None, src: int, meta=None):
+        """``(tensors, meta)`` of rank ``src`` on every rank: names, shapes and dtypes (and ``meta``, any picklable
+        value) go first as one object, then each tensor. Returned tensors are on this group's ``device`` (on ``src``
+        the given ones, unmoved)."""
+        if not self.distributed:
+            return tensors, meta
+        header = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()] if self.rank == src else None
+        header, meta = self.broadcast_object((header, meta), src)
+        out = {}
+        for name, shape, dtype in header:
+            if self.rank == src:
+                t = tensors[name].to(self.device).contiguous()
+            else:
+                t = torch.empty(shape, dtype=dtype, device=self.device)
+            dist.broadcast(t, src)
+            out[name] = tensors[name] if self.rank == src else t
+        return out, meta
+
+    def all_gather_object(self, obj) -> list:
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def check_identical(self, tensors: dict[str, torch.Tensor], what: str) -> None:
+        """Raise RuntimeError when ranks hold different ``tensors`` (compared by float64 sums and sums of squares
+        computed on each rank: a cheap checksum, one small all-gather)."""
+        if not self.distributed:
+            return
+        names = sorted(tensors)
+        sums = {k: (tensors[k].double().sum().item(), tensors[k].double().square().sum().item()) for k in names}
+        every = self.all_gather_object(sums)
+        differ = [k for k in names if any(s.get(k) != sums[k] for s in every)]
+        if differ:
+            raise RuntimeError(f"{what}: ranks hold different values of {', '.join(differ[:5])}"
+                               f"{' ...' if len(differ) > 5 else ''}: the run cannot continue consistently")
+
+
+def current() -> ProcessGroup:
+    """The view of the default process group when ``torch.distributed`` is initialised, else one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ProcessGroup()
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    return ProcessGroup(dist.get_rank(), dist.get_world_size(), device)
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of several started by torchrun (or a launcher setting the same variables)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(accelerator: str = "cpu") -> ProcessGroup:
+    """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR/PORT``):
+    NCCL on GPUs (this rank takes GPU ``LOCAL_RANK``), gloo on the CPU. Already initialised: its view."""
+    if dist.is_available() and dist.is_initialized():
+        return current()
+    if not launched_by_torchrun():
+        return ProcessGroup()
+    if accelerator == "gpu":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
+    else:
+        dist.init_process_group("gloo")
+    group = current()
+    log.info("rank %d of %d (%s)", group.rank, group.world_size, dist.get_backend())
+    return group
