@@ -183,22 +183,29 @@ class CompressionTrainer(Trainer):
     """The Trainer settings that apply to the compressor: where it runs."""
 
     def __init__(self, accelerator: str = "auto", devices: int | str = 1, precision: str | None = None,
-                 strategy: str = "auto"):
+                 strategy: str = "auto", num_nodes: int = 1):
         """
         Args:
             accelerator: cpu, gpu (or cuda), or auto (a GPU when one is visible, else the CPU).
-            devices: 1 (one device; multi-GPU runs are not supported yet).
+            devices: devices per node: 1, or N > 1 with strategy ddp in a run started by torchrun
+                (torchrun --nproc_per_node N cli.py fit ... --trainer.devices N --trainer.strategy ddp).
             precision: fit: precision of reconstruction training (Lightning's: 32-true, bf16-mixed, 16-mixed, ...);
                 sets model.reconstruction.precision. Weights are held in model.source.dtype.
-            strategy: auto (one device; multi-GPU strategies are not supported yet).
+            strategy: auto (one device), or ddp with devices > 1 (one process per device, started by torchrun).
+            num_nodes: machines of a torchrun run (torchrun --nnodes); WORLD_SIZE must be num_nodes * devices.
         """
-        check_trainer_settings(accelerator, devices, precision, strategy)
+        devices = check_trainer_settings(accelerator, devices, precision, strategy, num_nodes)
         self.reconstruction_precision = precision
         try:
-            super().__init__(accelerator=accelerator, devices=1, strategy=strategy, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+            super().__init__(accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes,
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False)
         except (MisconfigurationException, ValueError) as exc:
             raise ConfigError(f"trainer: {exc}") from exc
+        if devices * num_nodes > 1:  # join torchrun's process group now: every later Trainer of the run reuses it
+            from compressor.distributed import init_from_env
+
+            init_from_env("gpu" if self.strategy.root_device.type == "cuda" else "cpu")
 
     def fit(self, model, datamodule=None, ckpt_path: str | None = None):
         """Compress a model block by block, measure it, save model, masks and report.
@@ -213,26 +220,52 @@ class CompressionTrainer(Trainer):
         raise NotImplementedError("CompressorCLI.validate runs the pipeline; this signature only defines its options")
 
 
-def check_trainer_settings(accelerator, devices, precision, strategy) -> None:
-    """Refuse Trainer settings the compressor cannot honour, naming the value and what is valid."""
+def check_trainer_settings(accelerator, devices, precision, strategy, num_nodes: int = 1) -> int:
+    """Refuse Trainer settings the compressor cannot honour, naming the value and what is valid; returns the number
+    of devices per node (1, or N > 1 for a ddp run started by torchrun)."""
+    import os
+
     import torch
+
+    from compressor.distributed import launched_by_torchrun
 
     if accelerator not in ("auto", "cpu", "gpu", "cuda"):
         raise ConfigError(f"trainer.accelerator={accelerator!r}: choose cpu, gpu or auto")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={accelerator!r} but no GPU is visible to torch "
                           f"(torch {torch.__version__}, CUDA available: no): use cpu or auto")
-    if devices not in (1, "1", "auto"):
-        raise ConfigError(f"trainer.devices={devices!r}: multi-GPU runs are not supported yet: use 1 "
-                          "(pick the GPU with CUDA_VISIBLE_DEVICES)")
-    if strategy not in ("auto", "single_device"):
-        raise ConfigError(f"trainer.strategy={strategy!r}: multi-GPU strategies are not supported yet: use auto")
+    n = 1 if devices == "auto" else int(devices) if str(devices).isdigit() else None
+    if n is None or n < 1:
+        raise ConfigError(f"trainer.devices={devices!r}: give a number of devices (1, or N > 1 with "
+                          "trainer.strategy=ddp under torchrun)")
+    if strategy not in ("auto", "single_device", "ddp"):
+        raise ConfigError(f"trainer.strategy={strategy!r} is not supported: use auto (one device) or ddp (several)")
+    if not isinstance(num_nodes, int) or num_nodes < 1:
+        raise ConfigError(f"trainer.num_nodes={num_nodes!r}: give a number of machines >= 1")
+    launch = (f"torchrun --nproc_per_node {max(n, 2)} cli.py fit ... --trainer.devices {max(n, 2)} "
+              "--trainer.strategy ddp")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if n > 1 or num_nodes > 1:
+        if strategy != "ddp":
+            raise ConfigError(f"trainer.devices={devices!r}: several devices need trainer.strategy=ddp (one process "
+                              f"per device): {launch}")
+        if not launched_by_torchrun():
+            raise ConfigError(f"trainer.devices={devices!r}: multi-device runs are launched by torchrun, one process "
+                              f"per device: {launch}")
+        if world != n * num_nodes:
+            raise ConfigError(f"trainer.devices={devices!r} x trainer.num_nodes={num_nodes} does not match the "
+                              f"{world} processes torchrun started (WORLD_SIZE): give --nproc_per_node "
+                              f"{n} per node")
+    elif strategy == "ddp" or launched_by_torchrun():
+        raise ConfigError(f"trainer.devices={devices!r} with {world} processes (WORLD_SIZE) and trainer.strategy="
+                          f"{strategy!r}: a ddp run gives the devices per node and the strategy together: {launch}")
     if precision is not None:
         from lightning.fabric.connector import _PRECISION_INPUT_STR
 
         valid = typing.get_args(_PRECISION_INPUT_STR)
         if precision not in valid:
             raise ConfigError(f"trainer.precision={precision!r} is not valid: choose one of {', '.join(valid)}")
+    return n
 
 
 class CompressorCLI(LightningCLI):

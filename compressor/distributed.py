@@ -191,3 +191,30 @@ def init_from_env(accelerator: str = "cpu") -> ProcessGroup:
     group = current()
     log.info("rank %d of %d (%s)", group.rank, group.world_size, dist.get_backend())
     return group
+
+
+def check_settings(settings, group: ProcessGroup) -> None:
+    """Refuse, before any work, what a run over several ranks cannot do yet (``settings``: a
+    ``compressor.pipeline.RunSettings``), naming the setting and what is valid.
+
+    Raises:
+        ConfigError: reconstruction, MoE, cushion or W8A8 stages with more than one rank, or fewer calibration
+            windows than ranks (a rank without windows has no statistics to contribute).
+    """
+    from compressor.config import ConfigError
+
+    if not group.distributed:
+        return
+    n = group.world_size
+    refused = [(settings.reconstruction.enabled, f"model.reconstruction.mode={settings.reconstruction.mode!r}", "lr"),
+               (settings.moe.enabled, "model.moe.enabled=true", "false"),
+               (settings.cushion.enabled, f"model.cushion.method={settings.cushion.method!r}", "none"),
+               (settings.activations.enabled, f"model.activations.granularity={settings.activations.granularity!r}",
+                "none")]
+    for on, what, valid in refused:
+        if on:
+            raise ConfigError(f"{what} does not run on {n} devices yet (pruning and INT4 weights do): use {valid}, "
+                              "or run it with trainer.devices=1")
+    if settings.calibration.num_samples < n:
+        raise ConfigError(f"data.calibration.num_samples={settings.calibration.num_samples} is fewer than the {n} "
+                          f"ranks (each takes its share of the windows): use at least {n}")

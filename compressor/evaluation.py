@@ -38,10 +38,16 @@ def perplexity(model, windows: torch.Tensor, device, batch_size: int = 1, progre
 
     ``prefix`` (a ``compressor.cushion.prefix.Prefix``): each window runs after the prefix's keys/values, its
     positions shifted by the prefix length; only the window's own tokens are predicted and counted.
+
+    Several ranks (``compressor.distributed``): each measures its share of the windows and the metric's sums
+    (NLL, token count) are reduced across ranks when it is computed, so every rank returns the same value.
     """
     from tqdm.auto import tqdm
 
     from compressor.cushion.prefix import prefixed_inputs
+    from compressor.distributed import current
+
+    windows = current().shard(windows)
 
     model.to(device)
     if prefix is not None:

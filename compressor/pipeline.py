@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from compressor import zeroshot
+from compressor import distributed, zeroshot
 from compressor.accelerators import accelerator_for
 from compressor.checkpoint import BlockCheckpoints, tensor_fingerprint
 from compressor.config import (
@@ -149,7 +149,9 @@ def check_disk_space(model, output: OutputConfig, out: Path, cross_block: bool =
 
 
 def say(message: str) -> None:
-    """A line for the console and the run's log."""
+    """A line for the console and the run's log (rank 0's only, in a multi-process run)."""
+    if not distributed.current().is_main:
+        return
     print(message, flush=True)
     log.info(message)
 
@@ -279,9 +281,12 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
     device = torch.device(device)
     started = time.perf_counter()
     out = Path(settings.output.dir)
+    group = distributed.current()  # several ranks: each walks its share of the windows, rank 0 writes
+    distributed.check_settings(settings, group)
+    progress = progress and group.is_main
     config = preflight(settings)
     previous = None if settings.schedule.dry_run else finished_run(settings, out)  # a dry run writes no report
-    run = RunLog(out / "compress.log", checkpointing=settings.output.checkpoint)
+    run = RunLog(out / "compress.log" if group.is_main else Path(os.devnull), checkpointing=settings.output.checkpoint)
     if previous is not None and not (settings.output.overwrite or settings.output.start_over):
         say(f"{out} already holds this run, finished {previous.get('date', '')}: nothing done. "
             f"output.overwrite=true redoes it ({redo_scope(out)})")
@@ -324,6 +329,11 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
                                 "windows": {k: list(v.shape) for k, v in ctx.corpora.items()}}
         report["zeroshot"] = zeroshot.section(settings.evaluation, dense=zs_dense, compressed=zs)
         report["peak_memory"] = peak_memory(device)
+        if group.distributed:
+            report["ranks"] = group.world_size
+        if not group.is_main:  # rank 0 writes; the others wait for it, so that none exits before the run is saved
+            group.barrier()
+            return report
         t = time.perf_counter()
         save_outputs(report, ctx, todo)
         ctx.timings["save"] = time.perf_counter() - t
@@ -335,6 +345,7 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
         log.info("report written to %s", out / "report.json")
         tidy_checkpoints(report["checkpoints"])
         run.finished()
+        group.barrier()
         return report
     except KeyboardInterrupt:
         raise run.interrupted() from None
@@ -367,11 +378,12 @@ def prepare(settings: RunSettings, config, device: torch.device, out: Path, prog
     if any(GENERATED in s for s in (settings.calibration.sources, settings.evaluation.datasets,
                                      rc.sources if rc else [])):
         model.to(device)
-    calib = calibration_windows(settings.calibration, model, tokenizer, identity["fingerprint"], device)
-    recon_calib = None
-    if rc is not None and settings.reconstruction.enabled:
-        recon_calib = calibration_windows(rc, model, tokenizer, identity["fingerprint"], device)
-    corpora = eval_corpora(settings, model, tokenizer, device, identity["fingerprint"])
+    with distributed.current().main_first():  # generated text: rank 0 writes the cache, the others read it
+        calib = calibration_windows(settings.calibration, model, tokenizer, identity["fingerprint"], device)
+        recon_calib = None
+        if rc is not None and settings.reconstruction.enabled:
+            recon_calib = calibration_windows(rc, model, tokenizer, identity["fingerprint"], device)
+        corpora = eval_corpora(settings, model, tokenizer, device, identity["fingerprint"])
     timings["data"] = time.perf_counter() - t
     ctx = RunContext(settings, model, tokenizer, device, accelerator_for(device), out, calib, recon_calib, corpora,
                      progress=progress, timings=timings, identity=identity, dense=dense)
@@ -383,6 +395,7 @@ def prepare(settings: RunSettings, config, device: torch.device, out: Path, prog
         if ctx.finished:
             say(f"resuming: {len(ctx.finished)} of {len(adapter.blocks)} blocks done (checkpoints in "
                 f"{out / 'checkpoints'})")
+        distributed.current().barrier()  # every rank has read the manifest before rank 0 writes it again
     return ctx
 
 

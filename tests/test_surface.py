@@ -65,7 +65,7 @@ MISTAKES = {  # name: (arguments after `fit`, what the one line must say)
     "output folder in /proc": (["--output.dir", "/proc/compressor-out"], "output.dir='/proc/compressor-out' cannot be"),
     "output folder under a file": (["--output.dir", "{tmp}/a-file/out"], "which is a file"),
     "GPU without one": (["--trainer.accelerator", "gpu"], "no GPU is visible"),
-    "several devices": (["--trainer.devices", "4"], "trainer.devices=4: multi-GPU runs are not supported yet"),
+    "several devices": (["--trainer.devices", "4"], "trainer.devices=4: several devices need trainer.strategy=ddp"),
     "an optimizer": (["--optimizer", "SGD"], "unrecognized arguments: --optimizer SGD"),
     "a Trainer knob that does not apply": (["--trainer.max_epochs", "3"], "unrecognized arguments"),
     "a value of the wrong type": (["--model.pruning.sparsity", "abc"], "model.pruning.sparsity: Expected a float"),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from compressor.distributed import current
 from compressor.io import atomic_write, atomic_write_json
 from compressor.models.adapters import ModelAdapter
 from compressor.quant.int4 import QuantizationConfig, bits_per_weight
@@ -32,9 +33,13 @@ def make_schedule(settings, model, calib: torch.Tensor, device: torch.device, ou
     store = choose_store_device(need, device, settings.runtime.activations)
     schedule = build_schedule(model, calib, settings.schedule, settings.pruning, settings.runtime.batch_size, device,
                               store, progress)
-    atomic_write_json(out / "schedule.json", schedule.to_dict())
-    if settings.output.plots:
-        plot_schedule(schedule, out / "schedule.png")
+    group = current()
+    if group.distributed:  # every rank measured the same windows; rank 0's levels are the ones all follow
+        schedule.sparsity = group.broadcast_object(schedule.sparsity)
+    if group.is_main:
+        atomic_write_json(out / "schedule.json", schedule.to_dict())
+        if settings.output.plots:
+            plot_schedule(schedule, out / "schedule.png")
     return schedule
 
 
