@@ -1,0 +1,190 @@
+"""Multi-GPU speed: SparseGPT 50% (LR) of a LLaMA-7B-shaped random model on 1 and on N GPUs, side by side.
+
+    python bench/perf_multi_gpu.py --devices 1 2 --blocks 8 --out bench/results/perf_multi_gpu.json
+    python bench/perf_multi_gpu.py --devices 1 2 --blocks 8 --protocol --out bench/results/perf_multi_gpu.json
+    python bench/perf_multi_gpu.py --smoke      # CPU, gloo, a tiny Llama: proves the launch and the comparison
+
+Each device count is a fresh ``torchrun --standalone --nproc_per_node N`` of this file (``--worker``), so the
+runs do not share a process or a warm allocator. Every rank builds the model on its device from one seed and
+then takes rank 0's weights by broadcast (identical by construction); the calibration windows are random token
+ids (``--samples x --seqlen``, seeded) which ``SequentialPruner`` shards across ranks. Timed: ``pruner.run``
+from the capture of block 0's inputs to the last block's output on every rank (statistics, reductions, owner
+pruning, broadcasts and the per-block rank checksum included; model building excluded), rank 0's clock
+between two barriers. The model keeps its embeddings and head but only ``--blocks`` of LLaMA-7B's 32 decoder
+blocks (default 8, to keep the call short); the per-block figure is what scales to 32.
+
+Recorded per device count: ``devices``, ``seconds``, ``speedup_vs_1``, ``seconds_per_block`` (blocks after
+the first), and ``mask_agreement_vs_1``: the fraction of mask entries equal to the 1-device run's (the Gram
+matrices are summed in another order, so a weight at an exact tie may flip; 1.0 expected in practice).
+
+``--protocol``: also runs the shared SmolLM2 protocol (``configs/protocol.yaml``, SparseGPT 50%) through the
+CLI on 1 device and under torchrun on N, and records both perplexities and their relative difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                vocab_size=32000, max_position_embeddings=4096)
+TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+            max_position_embeddings=256)
+
+
+def build_model(shape: dict, blocks: int, device: torch.device, dtype: torch.dtype, group):
+    """A random Llama of ``shape`` with ``blocks`` decoder blocks on ``device``, identical on every rank."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(num_hidden_layers=blocks, **shape)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+        if group.distributed:
+            dist.broadcast(p.data, 0)
+    return model
+
+
+def worker(args) -> None:
+    """One rank of one device count: prune, time, write rank 0's record (and masks, or their agreement)."""
+    from compressor.config import PruningConfig, RuntimeConfig
+    from compressor.distributed import init_from_env
+    from compressor.sequential import SequentialPruner
+
+    gpu = not args.smoke
+    group = init_from_env("gpu" if gpu else "cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if gpu else torch.device("cpu")
+    if gpu:
+        torch.cuda.set_device(device)
+    shape = TINY if args.smoke else LLAMA_7B
+    model = build_model(shape, args.blocks, device, torch.float32 if args.smoke else torch.bfloat16, group)
+    calib = torch.randint(0, shape["vocab_size"], (args.samples, args.seqlen),
+                          generator=torch.Generator().manual_seed(0))
+    pruner = SequentialPruner(model, PruningConfig(method="sparsegpt", sparsity=0.5),
+                              RuntimeConfig(batch_size=args.batch_size, track_error=False), device, group=group)
+    group.barrier()
+    if gpu:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    reports = pruner.run(calib, progress=False)
+    if gpu:
+        torch.cuda.synchronize()
+    group.barrier()
+    seconds = time.perf_counter() - t
+    if not group.is_main:
+        return
+    steady = [r.seconds for r in reports][1:] or [reports[0].seconds]
+    record = {"devices": group.world_size, "seconds": round(seconds, 3),
+              "seconds_per_block": round(sum(steady) / len(steady), 3), "blocks_run": args.blocks,
+              "tokens": f"{args.samples} x {args.seqlen}", "batch_size": args.batch_size,
+              "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if gpu else None}
+    masks = Path(args.masks)
+    if group.world_size == 1:
+        torch.save(pruner.masks, masks)
+    elif masks.is_file():
+        ref = torch.load(masks)
+        same = sum(int((pruner.masks[k] == m).sum()) for k, m in ref.items())
+        record["mask_agreement_vs_1"] = same / sum(m.numel() for m in ref.values())
+    Path(args.record).write_text(json.dumps(record))
+
+
+def launch(n: int, args, folder: Path) -> dict:
+    """One torchrun of ``n`` processes; returns rank 0's record."""
+    record = folder / f"devices{n}.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", __file__,
+           "--worker", "--record", str(record), "--masks", str(folder / "masks_1.pt"), "--blocks", str(args.blocks),
+           "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size)]
+    if args.smoke:
+        cmd.append("--smoke")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1" if args.smoke else "8")}
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+    return json.loads(record.read_text())
+
+
+def protocol(n: int, folder: Path) -> dict:
+    """The shared SmolLM2 protocol (SparseGPT 50%) by the CLI on 1 device and under torchrun on ``n``."""
+    base = ["cli.py", "fit", "--config", "configs/protocol.yaml", "--output.plots", "false"]
+    ppl = {}
+    for devices in (1, n):
+        out = folder / f"protocol{devices}"
+        extra = ["--output.dir", str(out)]
+        if devices == 1:
+            cmd = [sys.executable, *base, *extra]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
+                   *base, *extra, "--trainer.devices", str(devices), "--trainer.strategy", "ddp"]
+        print("$", " ".join(cmd), flush=True)
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        report = json.loads((out / "report.json").read_text())
+        ppl[devices] = {"perplexity": report["perplexity"]["compressed"],
+                        "seconds": round(time.perf_counter() - t, 1)}
+    a, b = (next(iter(ppl[d]["perplexity"].values())) for d in (1, n))
+    return {"what": "protocol-sparsegpt-0.5", "devices": [1, n], "runs": ppl, "relative_difference": abs(b - a) / a}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--devices", type=int, nargs="+", default=[1, 2], help="device counts to time (1 first)")
+    p.add_argument("--blocks", type=int, default=None, help="decoder blocks of the model (default 8; smoke 2)")
+    p.add_argument("--samples", type=int, default=None, help="calibration windows (default 128; smoke 8)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 2048; smoke 64)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward (default 8; smoke 2)")
+    p.add_argument("--smoke", action="store_true", help="CPU, gloo, a tiny Llama")
+    p.add_argument("--protocol", action="store_true", help="also the SmolLM2 protocol's perplexity on 1 and N")
+    p.add_argument("--out", default=None, help="results file (default bench/results/perf_multi_gpu.json; smoke: "
+                                               "a temporary folder's)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--record", help=argparse.SUPPRESS)
+    p.add_argument("--masks", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    small = args.smoke
+    args.blocks = args.blocks or (2 if small else 8)
+    args.samples = args.samples or (8 if small else 128)
+    args.seqlen = args.seqlen or (64 if small else 2048)
+    args.batch_size = args.batch_size or (2 if small else 8)
+    if args.worker:
+        worker(args)
+        return
+    from compressor.io import write_bench_results
+
+    if args.devices[0] != 1:
+        args.devices = [1, *args.devices]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        records = [launch(n, args, folder) for n in args.devices]
+        for r in records:
+            r["speedup_vs_1"] = round(records[0]["seconds"] / r["seconds"], 3)
+            r.update(model="tiny-llama" if small else "llama-7b-shape", what="lr-sparsegpt-0.5",
+                     dtype="float32" if small else "bfloat16", note=f"{args.blocks} of "
+                     f"{'2' if small else '32'} decoder blocks; random weights and token ids")
+            print(f"{r['devices']} device(s): {r['seconds']:.2f}s ({r['seconds_per_block']:.3f}s per block), "
+                  f"speedup {r['speedup_vs_1']:.2f}x, masks agree {r.get('mask_agreement_vs_1', 1.0):.6f}")
+        if args.protocol:
+            rec = protocol(max(args.devices), folder)
+            print(f"protocol: perplexity relative difference {rec['relative_difference']:.2e}")
+            records.append(rec)
+        machine = "CPU (gloo)" if small else torch.cuda.get_device_name(0)
+        out = Path(args.out) if args.out else (folder.parent / "perf_multi_gpu_smoke.json" if small
+                                               else ROOT / "bench/results/perf_multi_gpu.json")
+        print("written", write_bench_results(out, f"{max(args.devices)} x {machine}", records))
+
+
+if __name__ == "__main__":
+    main()
