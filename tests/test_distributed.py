@@ -114,6 +114,7 @@ def one_process():
 
 
 @pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.multiprocess
 def test_two_ranks_hold_identical_weights_masks_and_codes(two_ranks, case):
     a, b = two_ranks[0][case], two_ranks[1][case]
     for part in ("weights", "masks", "quantized"):
@@ -124,6 +125,7 @@ def test_two_ranks_hold_identical_weights_masks_and_codes(two_ranks, case):
 
 
 @pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.multiprocess
 def test_two_ranks_match_one_process(two_ranks, one_process, case):
     dist_, ref = two_ranks[0][case], one_process[case]
     assert dist_["masks"].keys() == ref["masks"].keys() and ref["masks"]
@@ -142,3 +144,87 @@ def test_two_ranks_match_one_process(two_ranks, one_process, case):
     for (ce, he), (rce, rhe) in zip(dist_["errors"], ref["errors"]):  # sums over both ranks' windows
         assert ce == pytest.approx(rce, rel=1e-3) and he == pytest.approx(rhe, rel=1e-3)
     assert dist_["sparsity"] == ref["sparsity"]
+
+
+# ---- the command line under torchrun: a whole run, a rank killed mid-run, the resume ----------------------------
+
+KILL_RANK_1_AFTER_BLOCK_1 = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from compressor import sequential
+from compressor.cli import main
+
+release = sequential.SequentialPruner._release
+
+
+def dying(self, i, block):  # rank 1 dies once block 1 is checkpointed and every rank has passed its barrier
+    release(self, i, block)
+    if i == 1 and self.group.rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+sequential.SequentialPruner._release = dying
+sys.exit(main())
+"""
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    from conftest import tiny_llama, word_tokenizer
+
+    folder = tmp_path_factory.mktemp("ddp_cli")
+    tiny_llama(layers=4, vocab=1000).save_pretrained(folder / "tiny")
+    word_tokenizer().save_pretrained(folder / "tiny")
+    (folder / "text.txt").write_text(" ".join(f"w{(i * 7) % 997} w{i % 13}" for i in range(20000)))
+    return folder
+
+
+def fit_args(folder, out) -> list[str]:
+    return ["fit", "--model.source.name_or_path", str(folder / "tiny"), "--trainer.accelerator", "cpu",
+            "--data.calibration.sources", f"[{folder / 'text.txt'}]", "--data.calibration.num_samples", "7",
+            "--data.calibration.seqlen", "64", "--data.evaluation.datasets", f"[{folder / 'text.txt'}]",
+            "--data.evaluation.max_windows", "5", "--data.evaluation.heldout_samples", "3",
+            "--model.pruning.method", "sparsegpt", "--output.plots", "false", "--output.keep_checkpoints", "true",
+            "--output.dir", str(out)]
+
+
+def torchrun(script, args, n: int = 2):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", str(script), *args,
+           "--trainer.devices", str(n), "--trainer.strategy", "ddp"]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+
+
+@pytest.mark.multiprocess
+def test_a_killed_rank_stops_the_run_and_the_resume_matches_one_process(model_folder, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from compressor.cli import main
+
+    root = os.path.dirname(HERE)
+    script = tmp_path / "dying_cli.py"
+    script.write_text(KILL_RANK_1_AFTER_BLOCK_1.format(root=root))
+    out = tmp_path / "two"
+    killed = torchrun(script, fit_args(model_folder, out))
+    assert killed.returncode != 0, killed.stderr[-2000:]
+    manifest = json.loads((out / "checkpoints" / "manifest.json").read_text())
+    assert manifest["blocks_done"] == 2 and not (out / "report.json").exists()
+
+    resumed = torchrun(os.path.join(root, "cli.py"), fit_args(model_folder, out))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming: 2 of 4 blocks done" in resumed.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["ranks"] == 2 and report["resumed_blocks"] == 2
+
+    assert main(fit_args(model_folder, tmp_path / "one")) == 0
+    one = json.loads((tmp_path / "one" / "report.json").read_text())
+    a, b = load_file(tmp_path / "one" / "masks.safetensors"), load_file(out / "masks.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for corpus, ppl in one["perplexity"]["compressed"].items():
+        assert report["perplexity"]["compressed"][corpus] == pytest.approx(ppl, rel=1e-4)
+    assert report["perplexity"]["dense"] == pytest.approx(one["perplexity"]["dense"], rel=1e-6)
