@@ -206,15 +206,26 @@ def check_settings(settings, group: ProcessGroup) -> None:
     if not group.distributed:
         return
     n = group.world_size
-    refused = [(settings.reconstruction.enabled, f"model.reconstruction.mode={settings.reconstruction.mode!r}", "lr"),
-               (settings.moe.enabled, "model.moe.enabled=true", "false"),
+    refused = [(settings.moe.enabled, "model.moe.enabled=true", "false"),
                (settings.cushion.enabled, f"model.cushion.method={settings.cushion.method!r}", "none"),
                (settings.activations.enabled, f"model.activations.granularity={settings.activations.granularity!r}",
                 "none")]
     for on, what, valid in refused:
         if on:
-            raise ConfigError(f"{what} does not run on {n} devices yet (pruning and INT4 weights do): use {valid}, "
+            raise ConfigError(f"{what} does not run on {n} devices yet (pruning, reconstruction and INT4 weights "
+                              f"do): use {valid}, "
                               "or run it with trainer.devices=1")
     if settings.calibration.num_samples < n:
         raise ConfigError(f"data.calibration.num_samples={settings.calibration.num_samples} is fewer than the {n} "
                           f"ranks (each takes its share of the windows): use at least {n}")
+    recon = settings.reconstruction
+    if recon.enabled:  # DDP steps in lockstep: every rank the same number of rows and of rows per step
+        rc = settings.recon_calibration
+        key = "data.recon_calibration.num_samples" if rc is not None else "data.calibration.num_samples"
+        windows = (rc or settings.calibration).num_samples
+        if windows % n:
+            raise ConfigError(f"{key}={windows}: reconstruction on {n} ranks needs a multiple of {n} windows "
+                              f"(each rank trains on an equal share): use {windows - windows % n or n}")
+        if recon.batch_size % n:
+            raise ConfigError(f"model.reconstruction.batch_size={recon.batch_size}: on {n} ranks it must be a "
+                              f"multiple of {n} (each rank draws batch_size / {n} windows per step)")

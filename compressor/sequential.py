@@ -146,7 +146,7 @@ class SequentialPruner:
         masked = window_masks(blocks, masks, weight_of)
         name = "block_" + "-".join(f"{first + k:03d}" for k in range(len(blocks)))
         stats = fit_window(blocks, masked, inputs.kwargs, inputs.batches, targets, self.recon, name, self.log_dir,
-                           self.accelerator, progress, self.runtime.deterministic)
+                           self.accelerator, progress and self.group.is_main, self.runtime.deterministic, self.group)
         report.training.append({"window": [first + k for k in range(len(blocks))], **stats})
 
     @torch.no_grad()
@@ -309,8 +309,11 @@ class SequentialPruner:
                 check_finite(i - 1, rec.batches)
                 pending = {"block": block, "masks": self._block_masks(i, block), "report": asdict(report),
                            "hessians": self._hessians.get(i, {})}
-                checkpoints.save(i - 1, prev_block, self._block_masks(i - 1, prev_block), asdict(prev["report"]),
-                                 self._block_masks(i - 1, prev_block, self.quantized), pending)
+                if self.group.is_main:
+                    checkpoints.save(i - 1, prev_block, self._block_masks(i - 1, prev_block),
+                                     asdict(prev["report"]), self._block_masks(i - 1, prev_block, self.quantized),
+                                     pending)
+                self.group.barrier()
             self.homes.release(i - 1, prev_block)
         if prev is not None:
             inputs = {id(s): list(s.batches) for s in streams}
@@ -326,8 +329,10 @@ class SequentialPruner:
             if on_block is not None:
                 on_block(report)
             if checkpoints is not None:
-                checkpoints.save(i, block, self._block_masks(i, block), asdict(report),
-                                 self._block_masks(i, block, self.quantized))
+                if self.group.is_main:
+                    checkpoints.save(i, block, self._block_masks(i, block), asdict(report),
+                                     self._block_masks(i, block, self.quantized))
+                self.group.barrier()
         return {"inputs": inputs, "report": report,
                 "dense_rec": Stream(list(dense_rec.batches), dense_rec.kwargs),
                 "dense_held": Stream(list(dense_held.batches), dense_held.kwargs) if dense_held else None}

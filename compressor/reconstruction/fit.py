@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import time
 import warnings
@@ -70,7 +71,8 @@ def quiet_lightning():
     try:
         with warnings.catch_warnings():
             for pattern in (".*treespec.*", ".*does not have many workers.*", ".*in eval mode at the start of training.*",
-                            ".*The number of training batches.*", ".*litlogger.*"):
+                            ".*The number of training batches.*", ".*litlogger.*",
+                            ".*sync_dist=True.*"):  # DDP: the logged epoch loss is rank 0's share (report only)
                 warnings.filterwarnings("ignore", message=pattern)
             yield
     finally:
@@ -104,6 +106,7 @@ def fit_window(
     accelerator: str = "auto",
     progress: bool = False,
     deterministic: bool = False,
+    group=None,
 ) -> dict:
     """Train ``blocks`` so that they map ``inputs`` to ``targets`` (lists of ``[batch, seqlen, hidden]``).
 
@@ -115,10 +118,21 @@ def fit_window(
     Trainer's accelerator class, e.g. ``CPUAccelerator``, ``CUDAAccelerator``, ``HPUAccelerator``); the loss curve
     goes to CSV and TensorBoard under ``log_dir/name`` when ``log_dir`` is given. ``accelerator="hpu"`` trains
     with lightning-habana's classes (``compressor.accelerators.trainer_settings``).
+
+    ``group`` (``compressor.distributed.ProcessGroup``) of several ranks: each rank holds its share of the rows
+    (the same count on every rank: ``compressor.distributed.check_settings``) and draws ``cfg.batch_size / ranks``
+    of them per step; Lightning's DDP strategy, inside the process group torchrun started, averages the gradients,
+    so a step sees ``cfg.batch_size`` rows in all, as on one device (drawn in another order).
     """
     rows = StreamRows(inputs, targets)
-    loader = DataLoader(rows, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))
-    steps = math.ceil(len(rows) / cfg.batch_size) * cfg.epochs
+    ranks = group.world_size if group is not None and group.distributed else 1
+    batch = cfg.batch_size // ranks
+    loader = DataLoader(rows, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))
+    steps = math.ceil(len(rows) / batch) * cfg.epochs
+    settings = trainer_settings(accelerator, devices=1)
+    if ranks > 1:  # torchrun's processes; Lightning joins the process group already there
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", ranks))
+        settings.update(strategy="ddp", devices=local, num_nodes=ranks // local, use_distributed_sampler=False)
     module = BlockReconstruction(blocks, masked, block_kwargs, cfg, steps)
     loggers = False
     if log_dir is not None:
@@ -126,7 +140,7 @@ def fit_window(
 
         loggers = [CSVLogger(log_dir, name=name, version=""), TensorBoardLogger(log_dir, name=name, version="tb")]
     with quiet_lightning():
-        trainer = Trainer(max_epochs=cfg.epochs, **trainer_settings(accelerator, devices=1), precision=cfg.precision,
+        trainer = Trainer(max_epochs=cfg.epochs, **settings, precision=cfg.precision,
                           logger=loggers, enable_checkpointing=False, enable_model_summary=False,
                           enable_progress_bar=progress, num_sanity_val_steps=0, log_every_n_steps=1,
                           gradient_clip_val=None, deterministic=deterministic or None)
