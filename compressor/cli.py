@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import re
 import shlex
 import sys
@@ -223,7 +224,6 @@ class CompressionTrainer(Trainer):
 def check_trainer_settings(accelerator, devices, precision, strategy, num_nodes: int = 1) -> int:
     """Refuse Trainer settings the compressor cannot honour, naming the value and what is valid; returns the number
     of devices per node (1, or N > 1 for a ddp run started by torchrun)."""
-    import os
 
     import torch
 
@@ -418,7 +418,8 @@ def main(args: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except EXPECTED_ERRORS as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank refuses alike: one line is enough
+            print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:
         if exc.errno not in USER_ERRNOS:
