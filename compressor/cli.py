@@ -224,7 +224,6 @@ class CompressionTrainer(Trainer):
 def check_trainer_settings(accelerator, devices, precision, strategy, num_nodes: int = 1) -> int:
     """Refuse Trainer settings the compressor cannot honour, naming the value and what is valid; returns the number
     of devices per node (1, or N > 1 for a ddp run started by torchrun)."""
-
     import torch
 
     from compressor.distributed import launched_by_torchrun
