@@ -1,7 +1,7 @@
-"""Multi-GPU speed: SparseGPT 50% (LR) of a LLaMA-7B-shaped random model on 1 and on N GPUs, side by side.
+"""Multi-GPU speed: SparseGPT 50% (LR, and BR+GP) of a LLaMA-7B-shaped random model on 1 and on N GPUs.
 
-    python bench/perf_multi_gpu.py --devices 1 2 --blocks 8 --out bench/results/perf_multi_gpu.json
-    python bench/perf_multi_gpu.py --devices 1 2 --blocks 8 --protocol --out bench/results/perf_multi_gpu.json
+    python bench/perf_multi_gpu.py --devices 1 2 --out bench/results/perf_multi_gpu.json
+    python bench/perf_multi_gpu.py --devices 1 2 --what lr --protocol --out bench/results/perf_multi_gpu.json
     python bench/perf_multi_gpu.py --smoke      # CPU, gloo, a tiny Llama: proves the launch and the comparison
 
 Each device count is a fresh ``torchrun --standalone --nproc_per_node N`` of this file (``--worker``), so the
@@ -13,9 +13,14 @@ pruning, broadcasts and the per-block rank checksum included; model building exc
 between two barriers. The model keeps its embeddings and head but only ``--blocks`` of LLaMA-7B's 32 decoder
 blocks (default 8, to keep the call short); the per-block figure is what scales to 32.
 
-Recorded per device count: ``devices``, ``seconds``, ``speedup_vs_1``, ``seconds_per_block`` (blocks after
-the first), and ``mask_agreement_vs_1``: the fraction of mask entries equal to the 1-device run's (the Gram
-matrices are summed in another order, so a weight at an exact tie may flip; 1.0 expected in practice).
+Two measurements (``--what``, both by default): ``lr``, SparseGPT 50% with 128 x 2048 windows over ``--blocks``
+blocks (default 8), batch 8; ``br+gp``, SparseGPT 50% then BR+GP reconstruction of each block (256 x 1024 windows,
+10 epochs, batch 8 in all, bf16-mixed) over 2 blocks, the second one's time being the steady per-block figure.
+
+Recorded per measurement and device count: ``devices``, ``seconds``, ``speedup_vs_1`` (of ``seconds``),
+``seconds_per_block`` (blocks after the first) and its ``speedup_per_block``, and for LR
+``mask_agreement_vs_1``: the fraction of mask entries equal to the 1-device run's (the Gram matrices are
+summed in another order, so a weight at an exact tie may flip; 1.0 expected in practice).
 
 ``--protocol``: also runs the shared SmolLM2 protocol (``configs/protocol.yaml``, SparseGPT 50%) through the
 CLI on 1 device and under torchrun on N, and records both perplexities and their relative difference.
@@ -64,6 +69,7 @@ def worker(args) -> None:
     """One rank of one device count: prune, time, write rank 0's record (and masks, or their agreement)."""
     from compressor.config import PruningConfig, RuntimeConfig
     from compressor.distributed import init_from_env
+    from compressor.reconstruction.module import ReconstructionConfig
     from compressor.sequential import SequentialPruner
 
     gpu = not args.smoke
@@ -75,8 +81,13 @@ def worker(args) -> None:
     model = build_model(shape, args.blocks, device, torch.float32 if args.smoke else torch.bfloat16, group)
     calib = torch.randint(0, shape["vocab_size"], (args.samples, args.seqlen),
                           generator=torch.Generator().manual_seed(0))
+    recon = ReconstructionConfig()
+    if args.what == "br+gp":
+        recon = ReconstructionConfig(mode="br+gp", epochs=args.epochs, batch_size=args.batch_size,
+                                     precision="32-true" if args.smoke else "bf16-mixed")
     pruner = SequentialPruner(model, PruningConfig(method="sparsegpt", sparsity=0.5),
-                              RuntimeConfig(batch_size=args.batch_size, track_error=False), device, group=group)
+                              RuntimeConfig(batch_size=args.batch_size, track_error=False), device,
+                              reconstruction=recon, accelerator="gpu" if gpu else "cpu", group=group)
     group.barrier()
     if gpu:
         torch.cuda.synchronize()
@@ -89,10 +100,15 @@ def worker(args) -> None:
     if not group.is_main:
         return
     steady = [r.seconds for r in reports][1:] or [reports[0].seconds]
-    record = {"devices": group.world_size, "seconds": round(seconds, 3),
+    record = {"what": f"{args.what}-sparsegpt-0.5", "devices": group.world_size, "seconds": round(seconds, 3),
               "seconds_per_block": round(sum(steady) / len(steady), 3), "blocks_run": args.blocks,
               "tokens": f"{args.samples} x {args.seqlen}", "batch_size": args.batch_size,
               "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if gpu else None}
+    if args.what == "br+gp":
+        record["epochs"] = args.epochs
+        record["training_seconds_per_block"] = [round(r.training[0]["seconds"], 3) for r in reports]
+        Path(args.record).write_text(json.dumps(record))
+        return
     masks = Path(args.masks)
     if group.world_size == 1:
         torch.save(pruner.masks, masks)
@@ -103,12 +119,19 @@ def worker(args) -> None:
     Path(args.record).write_text(json.dumps(record))
 
 
-def launch(n: int, args, folder: Path) -> dict:
-    """One torchrun of ``n`` processes; returns rank 0's record."""
-    record = folder / f"devices{n}.json"
+def launch(n: int, what: str, args, folder: Path) -> dict:
+    """One torchrun of ``n`` processes for measurement ``what``; returns rank 0's record."""
+    record = folder / f"{what}_devices{n}.json"
+    small = args.smoke
+    if what == "lr":
+        blocks, samples, seqlen = args.blocks or (2 if small else 8), args.samples or (8 if small else 128), \
+            args.seqlen or (64 if small else 2048)
+    else:
+        blocks, samples, seqlen = 2, args.samples or (8 if small else 256), args.seqlen or (64 if small else 1024)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", __file__,
-           "--worker", "--record", str(record), "--masks", str(folder / "masks_1.pt"), "--blocks", str(args.blocks),
-           "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size)]
+           "--worker", "--what", what, "--record", str(record), "--masks", str(folder / "masks_1.pt"),
+           "--blocks", str(blocks), "--samples", str(samples), "--seqlen", str(seqlen),
+           "--batch-size", str(args.batch_size), "--epochs", str(args.epochs)]
     if args.smoke:
         cmd.append("--smoke")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1" if args.smoke else "8")}
@@ -142,10 +165,14 @@ def protocol(n: int, folder: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", type=int, nargs="+", default=[1, 2], help="device counts to time (1 first)")
-    p.add_argument("--blocks", type=int, default=None, help="decoder blocks of the model (default 8; smoke 2)")
-    p.add_argument("--samples", type=int, default=None, help="calibration windows (default 128; smoke 8)")
-    p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 2048; smoke 64)")
-    p.add_argument("--batch-size", type=int, default=None, help="windows per forward (default 8; smoke 2)")
+    p.add_argument("--what", nargs="+", default=["lr", "br+gp"], choices=["lr", "br+gp"], help="measurements")
+    p.add_argument("--blocks", type=int, default=None, help="LR: decoder blocks of the model (default 8; smoke 2)")
+    p.add_argument("--samples", type=int, default=None, help="windows (default LR 128, BR+GP 256; smoke 8)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default LR 2048, BR+GP 1024; "
+                                                             "smoke 64)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward and per training step in all "
+                                                                 "(default 8; smoke 2)")
+    p.add_argument("--epochs", type=int, default=None, help="BR+GP epochs (default 10; smoke 2)")
     p.add_argument("--smoke", action="store_true", help="CPU, gloo, a tiny Llama")
     p.add_argument("--protocol", action="store_true", help="also the SmolLM2 protocol's perplexity on 1 and N")
     p.add_argument("--out", default=None, help="results file (default bench/results/perf_multi_gpu.json; smoke: "
@@ -155,11 +182,10 @@ def main() -> None:
     p.add_argument("--masks", help=argparse.SUPPRESS)
     args = p.parse_args()
     small = args.smoke
-    args.blocks = args.blocks or (2 if small else 8)
-    args.samples = args.samples or (8 if small else 128)
-    args.seqlen = args.seqlen or (64 if small else 2048)
     args.batch_size = args.batch_size or (2 if small else 8)
+    args.epochs = args.epochs or (2 if small else 10)
     if args.worker:
+        args.what = args.what[0]
         worker(args)
         return
     from compressor.io import write_bench_results
@@ -168,14 +194,19 @@ def main() -> None:
         args.devices = [1, *args.devices]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        records = [launch(n, args, folder) for n in args.devices]
-        for r in records:
-            r["speedup_vs_1"] = round(records[0]["seconds"] / r["seconds"], 3)
-            r.update(model="tiny-llama" if small else "llama-7b-shape", what="lr-sparsegpt-0.5",
-                     dtype="float32" if small else "bfloat16", note=f"{args.blocks} of "
-                     f"{'2' if small else '32'} decoder blocks; random weights and token ids")
-            print(f"{r['devices']} device(s): {r['seconds']:.2f}s ({r['seconds_per_block']:.3f}s per block), "
-                  f"speedup {r['speedup_vs_1']:.2f}x, masks agree {r.get('mask_agreement_vs_1', 1.0):.6f}")
+        records = []
+        for what in args.what:
+            runs = [launch(n, what, args, folder) for n in args.devices]
+            for r in runs:
+                r["speedup_vs_1"] = round(runs[0]["seconds"] / r["seconds"], 3)
+                r["speedup_per_block"] = round(runs[0]["seconds_per_block"] / r["seconds_per_block"], 3)
+                r.update(model="tiny-llama" if small else "llama-7b-shape", dtype="float32" if small else "bfloat16",
+                         note=f"{r['blocks_run']} of {'2' if small else '32'} decoder blocks; random weights and "
+                              "token ids")
+                print(f"{what}, {r['devices']} device(s): {r['seconds']:.2f}s ({r['seconds_per_block']:.3f}s per "
+                      f"block), speedup {r['speedup_vs_1']:.2f}x ({r['speedup_per_block']:.2f}x per block)"
+                      + (f", masks agree {r['mask_agreement_vs_1']:.6f}" if "mask_agreement_vs_1" in r else ""))
+            records += runs
         if args.protocol:
             rec = protocol(max(args.devices), folder)
             print(f"protocol: perplexity relative difference {rec['relative_difference']:.2e}")

@@ -543,6 +543,8 @@ def validate(model_cfg: ModelConfig, evaluation: EvaluationConfig, calibration: 
               "cushion_prefix_len": len(prefix) if prefix is not None else 0,
               "zeroshot": zeroshot.section(evaluation, model=zs),
               "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    if not distributed.current().is_main:  # several ranks measured their shares together; rank 0 writes
+        return report
     path = atomic_write_json(out / "validate.json", report)
     from rich.console import Console
     from rich.table import Table
