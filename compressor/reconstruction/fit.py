@@ -16,7 +16,7 @@ from lightning.pytorch import Trainer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from compressor.accelerators import trainer_settings
+from compressor.accelerators import is_hpu, trainer_settings
 from compressor.engine import BlockKwargs
 from compressor.reconstruction.module import BlockReconstruction, ReconstructionConfig
 
@@ -132,7 +132,8 @@ def fit_window(
     settings = trainer_settings(accelerator, devices=1)
     if ranks > 1:  # torchrun's processes; Lightning joins the process group already there
         local = int(os.environ.get("LOCAL_WORLD_SIZE", ranks))
-        settings.update(strategy="ddp", devices=local, num_nodes=ranks // local, use_distributed_sampler=False)
+        settings = trainer_settings(accelerator, local, "auto" if is_hpu(accelerator) else "ddp")
+        settings.update(num_nodes=ranks // local, use_distributed_sampler=False)
     module = BlockReconstruction(blocks, masked, block_kwargs, cfg, steps)
     loggers = False
     if log_dir is not None:
