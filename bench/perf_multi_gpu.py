@@ -1,7 +1,7 @@
 """Multi-GPU speed: SparseGPT 50% (LR, and BR+GP) of a LLaMA-7B-shaped random model on 1 and on N GPUs.
 
     python bench/perf_multi_gpu.py --devices 1 2 --out bench/results/perf_multi_gpu.json
-    python bench/perf_multi_gpu.py --devices 1 2 --what lr --protocol --out bench/results/perf_multi_gpu.json
+    python bench/perf_multi_gpu.py --devices 1 2 --protocol-only --out bench/results/perf_multi_gpu_protocol.json
     python bench/perf_multi_gpu.py --smoke      # CPU, gloo, a tiny Llama: proves the launch and the comparison
 
 Each device count is a fresh ``torchrun --standalone --nproc_per_node N`` of this file (``--worker``), so the
@@ -175,6 +175,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None, help="BR+GP epochs (default 10; smoke 2)")
     p.add_argument("--smoke", action="store_true", help="CPU, gloo, a tiny Llama")
     p.add_argument("--protocol", action="store_true", help="also the SmolLM2 protocol's perplexity on 1 and N")
+    p.add_argument("--protocol-only", action="store_true", help="only the protocol (no timings)")
     p.add_argument("--out", default=None, help="results file (default bench/results/perf_multi_gpu.json; smoke: "
                                                "a temporary folder's)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -195,7 +196,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         records = []
-        for what in args.what:
+        for what in [] if args.protocol_only else args.what:
             runs = [launch(n, what, args, folder) for n in args.devices]
             for r in runs:
                 r["speedup_vs_1"] = round(runs[0]["seconds"] / r["seconds"], 3)
@@ -207,7 +208,7 @@ def main() -> None:
                       f"block), speedup {r['speedup_vs_1']:.2f}x ({r['speedup_per_block']:.2f}x per block)"
                       + (f", masks agree {r['mask_agreement_vs_1']:.6f}" if "mask_agreement_vs_1" in r else ""))
             records += runs
-        if args.protocol:
+        if args.protocol or args.protocol_only:
             rec = protocol(max(args.devices), folder)
             print(f"protocol: perplexity relative difference {rec['relative_difference']:.2e}")
             records.append(rec)

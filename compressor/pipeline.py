@@ -310,8 +310,8 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
                  ", ".join(stage.name for stage in todo) or "none")
         ctx = prepare(settings, config, device, out, progress, run, model_and_tokenizer)
         if settings.schedule.dry_run:
-            report = dry_run_report(settings, make_schedule(settings, ctx.model, ctx.calib, device, out, progress),
-                                    ctx.timings, device, out)
+            schedule = make_schedule(settings, ctx.model, ctx.calib, device, out, progress)
+            report = dry_run_report(settings, schedule, ctx.timings, device, out) if group.is_main else {}
             run.finished("dry run")
             return report
         ppl_dense, zs_dense = {}, None
