@@ -140,9 +140,9 @@ def launch(n: int, what: str, args, folder: Path) -> dict:
     return json.loads(record.read_text())
 
 
-def protocol(n: int, folder: Path) -> dict:
-    """The shared SmolLM2 protocol (SparseGPT 50%) by the CLI on 1 device and under torchrun on ``n``."""
-    base = ["cli.py", "fit", "--config", "configs/protocol.yaml", "--output.plots", "false"]
+def protocol(n: int, folder: Path, config: str) -> dict:
+    """The shared SmolLM2 protocol (SparseGPT 50%; ``config``) by the CLI on 1 device and under torchrun on ``n``."""
+    base = ["cli.py", "fit", "--config", config, "--output.plots", "false"]
     ppl = {}
     for devices in (1, n):
         out = folder / f"protocol{devices}"
@@ -159,7 +159,8 @@ def protocol(n: int, folder: Path) -> dict:
         ppl[devices] = {"perplexity": report["perplexity"]["compressed"],
                         "seconds": round(time.perf_counter() - t, 1)}
     a, b = (next(iter(ppl[d]["perplexity"].values())) for d in (1, n))
-    return {"what": "protocol-sparsegpt-0.5", "devices": [1, n], "runs": ppl, "relative_difference": abs(b - a) / a}
+    return {"what": "protocol", "config": config, "devices": [1, n], "runs": ppl,
+            "relative_difference": abs(b - a) / a}
 
 
 def main() -> None:
@@ -176,6 +177,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="CPU, gloo, a tiny Llama")
     p.add_argument("--protocol", action="store_true", help="also the SmolLM2 protocol's perplexity on 1 and N")
     p.add_argument("--protocol-only", action="store_true", help="only the protocol (no timings)")
+    p.add_argument("--protocol-config", default="configs/protocol.yaml", help="the protocol's config file")
     p.add_argument("--out", default=None, help="results file (default bench/results/perf_multi_gpu.json; smoke: "
                                                "a temporary folder's)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -209,7 +211,7 @@ def main() -> None:
                       + (f", masks agree {r['mask_agreement_vs_1']:.6f}" if "mask_agreement_vs_1" in r else ""))
             records += runs
         if args.protocol or args.protocol_only:
-            rec = protocol(max(args.devices), folder)
+            rec = protocol(max(args.devices), folder, args.protocol_config)
             print(f"protocol: perplexity relative difference {rec['relative_difference']:.2e}")
             records.append(rec)
         machine = "CPU (gloo)" if small else torch.cuda.get_device_name(0)
