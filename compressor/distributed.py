@@ -14,6 +14,7 @@ nothing, so single-device runs go through the same code.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 from dataclasses import dataclass
@@ -183,11 +184,14 @@ def init_from_env(accelerator: str = "cpu") -> ProcessGroup:
         return current()
     if not launched_by_torchrun():
         return ProcessGroup()
+    # ranks wait for one another while an owner prunes or rank 0 writes a checkpoint: allow an hour (a dead rank is
+    # noticed by torchrun at once anyway)
+    timeout = datetime.timedelta(minutes=60)
     if accelerator == "gpu":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
+        dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()), timeout=timeout)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     group = current()
     log.info("rank %d of %d (%s)", group.rank, group.world_size, dist.get_backend())
     return group

@@ -331,9 +331,8 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
         report["peak_memory"] = peak_memory(device)
         if group.distributed:
             report["ranks"] = group.world_size
-        if not group.is_main:  # rank 0 writes; the others wait for it, so that none exits before the run is saved
-            group.barrier()
-            return report
+        if not group.is_main:  # rank 0 writes (no barrier after: saving a large model can outlast a collective's
+            return report     # timeout; torchrun waits for every process anyway)
         t = time.perf_counter()
         save_outputs(report, ctx, todo)
         ctx.timings["save"] = time.perf_counter() - t
@@ -345,7 +344,6 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
         log.info("report written to %s", out / "report.json")
         tidy_checkpoints(report["checkpoints"])
         run.finished()
-        group.barrier()
         return report
     except KeyboardInterrupt:
         raise run.interrupted() from None
