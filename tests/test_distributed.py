@@ -58,6 +58,8 @@ CASES = {
     "wanda_2:4": dict(pruning=dict(method="wanda", pattern="2:4")),
     "sparsegpt_gptq": dict(pruning=dict(method="sparsegpt", sparsity=0.5),
                            quantization=dict(method="gptq", group_size=32, blocksize=32, joint=False)),
+    "sparsegpt_gptq_joint": dict(pruning=dict(method="sparsegpt", sparsity=0.5),
+                                 quantization=dict(method="gptq", group_size=32, blocksize=32, joint=True)),
     # reconstruction: DDP over an even share of 8 windows (a step draws 1 per rank, 2 in all, as batch_size 2)
     "br+gp": dict(pruning=dict(method="sparsegpt", sparsity=0.5), windows=8,
                   reconstruction=dict(mode="br+gp", epochs=2, batch_size=2)),
