@@ -8,6 +8,7 @@ sharding and owner assignment are tested in-process.
 from __future__ import annotations
 
 import os
+import re
 import socket
 
 import pytest
@@ -253,3 +254,31 @@ def test_ddp_reconstruction_is_close_to_one_process(two_ranks, one_process, case
     assert first and all(torch.equal(dist_["masks"][k], ref["masks"][k]) for k in first)
     for (ce, he), (rce, rhe) in zip(dist_["errors"], ref["errors"]):
         assert ce == pytest.approx(rce, rel=0.25) and he == pytest.approx(rhe, rel=0.25)
+
+
+@pytest.mark.parametrize("env, kwargs, says", [
+    ({}, dict(devices=2, strategy="ddp"), "launched by torchrun, one process per device: torchrun --nproc_per_node 2"),
+    ({}, dict(devices=2, strategy="auto"), "several devices need trainer.strategy=ddp"),
+    ({}, dict(devices=1, strategy="ddp"), "a ddp run gives the devices per node and the strategy together"),
+    ({"WORLD_SIZE": "2"}, dict(devices=1, strategy="auto"), "with 2 processes (WORLD_SIZE)"),
+    ({"WORLD_SIZE": "4"}, dict(devices=2, strategy="ddp"), "does not match the 4 processes torchrun started"),
+    ({}, dict(devices=2, strategy="fsdp"), "trainer.strategy='fsdp' is not supported"),
+])
+def test_trainer_settings_for_several_devices_are_refused_with_the_command_to_use(monkeypatch, env, kwargs, says):
+    from compressor.cli import check_trainer_settings
+    from compressor.config import ConfigError
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        check_trainer_settings("cpu", kwargs["devices"], None, kwargs["strategy"])
+
+
+def test_trainer_settings_under_torchrun_give_the_devices_per_node(monkeypatch):
+    from compressor.cli import check_trainer_settings
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert check_trainer_settings("cpu", 2, None, "ddp", num_nodes=2) == 2
+    monkeypatch.delenv("WORLD_SIZE")
+    assert check_trainer_settings("cpu", "auto", None, "auto") == 1
