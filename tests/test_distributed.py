@@ -20,7 +20,7 @@ HERE = os.path.dirname(__file__)
 
 
 def test_shards_cover_every_window_once_contiguously_without_padding():
-    for n in range(0, 12):
+    for n in range(12):
         for world in (1, 2, 3, 5):
             bounds = [shard_bounds(n, r, world) for r in range(world)]
             assert bounds[0][0] == 0 and bounds[-1][1] == n
@@ -72,11 +72,12 @@ TRAINED = ("br+gp", "br+gp+cr")
 
 def run_cases(windows: int = 7) -> dict:
     """Every case on a tiny random Llama, in this process's share of the windows (all of them alone)."""
+    from conftest import tiny_llama
+
     from compressor.config import PruningConfig, RuntimeConfig
     from compressor.quant.int4 import QuantizationConfig
     from compressor.reconstruction.module import ReconstructionConfig
     from compressor.sequential import SequentialPruner
-    from conftest import tiny_llama
 
     torch.manual_seed(1)
     calib = torch.randint(0, 256, (max(windows, 8), 32))
