@@ -77,6 +77,8 @@ def run_cases(windows: int = 7) -> dict:
     from compressor.config import PruningConfig, RuntimeConfig
     from compressor.quant.int4 import QuantizationConfig
     from compressor.reconstruction.module import ReconstructionConfig
+    from compressor.schedule.allocate import ScheduleConfig
+    from compressor.schedule.schedule import build_schedule
     from compressor.sequential import SequentialPruner
 
     torch.manual_seed(1)
@@ -94,6 +96,11 @@ def run_cases(windows: int = 7) -> dict:
                          "masks": dict(pruner.masks), "quantized": dict(pruner.quantized),
                          "errors": [(r.calib_rel_error, r.heldout_rel_error) for r in reports],
                          "layer_error": [r.layer_error for r in reports], "sparsity": [r.sparsity for r in reports]}
+    for allocator, granularity in (("owl", "block"), ("hessian", "layer")):  # the dense pass of a schedule
+        config = ScheduleConfig(allocator=allocator, granularity=granularity)
+        schedule = build_schedule(tiny_llama(layers=2), calib[:windows], config, PruningConfig(sparsity=0.5), 2,
+                                  torch.device("cpu"), torch.device("cpu"), progress=False)
+        results[f"schedule {allocator}"] = schedule.sparsity
     return results
 
 
@@ -283,3 +290,11 @@ def test_trainer_settings_under_torchrun_give_the_devices_per_node(monkeypatch):
     assert check_trainer_settings("cpu", 2, None, "ddp", num_nodes=2) == 2
     monkeypatch.delenv("WORLD_SIZE")
     assert check_trainer_settings("cpu", "auto", None, "auto") == 1
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("allocator", ["owl", "hessian"])
+def test_a_schedule_from_sharded_statistics_is_the_one_process_schedule(two_ranks, one_process, allocator):
+    key = f"schedule {allocator}"
+    assert two_ranks[0][key] == two_ranks[1][key] == one_process[key]
+    assert len(set(one_process[key].values())) > 1  # levels that differ between layers or blocks: a real test

@@ -70,13 +70,17 @@ def dense_estimates(model: nn.Module, calib: torch.Tensor, targets_of, config: S
                     ) -> dict[str, LayerEstimate]:
     """Walk the dense model once; per prunable linear: its E(s) curve (hessian) or outlier ratio (owl).
 
-    ``targets_of(block)`` -> ``{name: linear}`` of the layers the pruner will prune in that block.
+    ``targets_of(block)`` -> ``{name: linear}`` of the layers the pruner will prune in that block. Several ranks
+    (``compressor.distributed``): each runs its share of ``calib``; statistics and energies are summed over ranks.
     """
     from tqdm.auto import tqdm
 
+    from compressor.distributed import current
     from compressor.sequential import capture_block_inputs, run_block
 
     adapter = ModelAdapter(model)
+    group = current()
+    calib = group.shard(calib)
     stream = capture_block_inputs(model, adapter, calib, batch_size, device, store)
     gram = config.allocator == "hessian" or config.dry_run
     out: dict[str, LayerEstimate] = {}
@@ -86,9 +90,13 @@ def dense_estimates(model: nn.Module, calib: torch.Tensor, targets_of, config: S
         block.to(device)
         targets = targets_of(block)
         tokens = sum(b.shape[0] * b.shape[1] for b in stream.batches)
-        input_energy = sum(b.to(device).float().square().sum().item() for b in stream.batches) / max(tokens, 1)
+        energy = sum(b.to(device).float().square().sum().item() for b in stream.batches)
+        tokens, energy = group.all_reduce_sum([tokens, energy])
+        input_energy = energy / max(tokens, 1)
         with BlockStatistics(targets, gram=gram) as stats:
             outputs = run_block(block, stream, device, on_batch=stats.end_batch)
+        for acc in stats.accumulators.values():  # in the order of the first batch's hooks: the same on every rank
+            group.reduce_statistics(acc)
         factors = {}
         for name, module in targets.items():
             full = f"{adapter.block_path}.{i}.{name}"
