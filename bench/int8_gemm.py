@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from timing import call_times_ms  # noqa: E402
 
 from compressor.io import write_bench_results  # noqa: E402
 from compressor.pipeline import machine_name  # noqa: E402
@@ -58,23 +59,10 @@ class Int8Linear:
 
 
 def timer(fn, device: torch.device, reps: int, warmup: int = 5) -> float:
-    """Median milliseconds of ``fn()``: CUDA events on a GPU, perf_counter on the CPU."""
+    """Median milliseconds of ``fn()`` after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t))
-    return statistics.median(times)
+    return statistics.median(call_times_ms(fn, reps, device))
 
 
 def main() -> None:

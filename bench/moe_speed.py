@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from timing import call_times_ms  # noqa: E402
 
 from compressor.io import write_bench_results  # noqa: E402
 from compressor.moe.ffn import ffn_spec  # noqa: E402
@@ -44,20 +45,7 @@ class SwiGLU(nn.Module):
 
 def timer(fn, iters: int, device: torch.device) -> list[float]:
     """Milliseconds per call, one sample per call."""
-    out = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            out.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            out.append(1e3 * (time.perf_counter() - t))
-    return out
+    return call_times_ms(fn, iters, device)
 
 
 def graphed(fn, device: torch.device):
