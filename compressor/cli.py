@@ -17,6 +17,7 @@ import sys
 import typing
 from argparse import ArgumentError
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 from jsonargparse import DefaultHelpFormatter, set_parsing_settings
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -117,7 +118,8 @@ class CompressionTask(LightningModule):
         self.moe = moe
         self.cushion = cushion
         self.activations = activations
-        self.save_hyperparameters({"cushion": asdict(cushion), "activations": asdict(activations), "source": asdict(source), "pruning": asdict(pruning), "runtime": asdict(runtime),
+        self.save_hyperparameters({"cushion": asdict(cushion), "activations": asdict(activations),
+                                   "source": asdict(source), "pruning": asdict(pruning), "runtime": asdict(runtime),
                                    "reconstruction": asdict(reconstruction), "schedule": asdict(schedule),
                                    "quantization": asdict(quantization), "moe": asdict(moe)})
 
@@ -188,8 +190,9 @@ class CompressionTrainer(Trainer):
         """
         Args:
             accelerator: cpu, gpu (or cuda), or auto (a GPU when one is visible, else the CPU).
-            devices: devices per node: 1, or N > 1 with strategy ddp in a run started by torchrun
-                (torchrun --nproc_per_node N cli.py fit ... --trainer.devices N --trainer.strategy ddp).
+            devices: devices per node: 1, or N > 1 with strategy ddp: one process per device, started by torchrun
+                (the command starts torchrun itself on one machine; torchrun --nproc_per_node N cli.py fit ...
+                --trainer.devices N --trainer.strategy ddp does the same).
             precision: fit: precision of reconstruction training (Lightning's: 32-true, bf16-mixed, 16-mixed, ...);
                 sets model.reconstruction.precision. Weights are held in model.source.dtype.
             strategy: auto (one device), or ddp with devices > 1 (one process per device, started by torchrun).
@@ -221,6 +224,27 @@ class CompressionTrainer(Trainer):
         raise NotImplementedError("CompressorCLI.validate runs the pipeline; this signature only defines its options")
 
 
+class Relaunch(Exception):
+    """A one-machine ddp run of N devices asked for without torchrun: ``main`` starts it under torchrun."""
+
+    def __init__(self, nproc: int):
+        super().__init__(f"{nproc} processes under torchrun")
+        self.nproc = nproc
+
+
+def relaunch(nproc: int, args: list[str]) -> int:
+    """Run this command again as ``nproc`` processes on this machine under torchrun (``--standalone``: a local
+    rendezvous), the way a user would start it; returns torchrun's exit code (a failed rank fails the run)."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "cli.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
+           *args]
+    print(f"starting {nproc} processes, one per device: {shlex.join(['torchrun', *cmd[3:]])}", file=sys.stderr,
+          flush=True)
+    return subprocess.call(cmd)
+
+
 def check_trainer_settings(accelerator, devices, precision, strategy, num_nodes: int = 1) -> int:
     """Refuse Trainer settings the compressor cannot honour, naming the value and what is valid; returns the number
     of devices per node (1, or N > 1 for a ddp run started by torchrun)."""
@@ -249,8 +273,12 @@ def check_trainer_settings(accelerator, devices, precision, strategy, num_nodes:
             raise ConfigError(f"trainer.devices={devices!r}: several devices need trainer.strategy=ddp (one process "
                               f"per device): {launch}")
         if not launched_by_torchrun():
-            raise ConfigError(f"trainer.devices={devices!r}: multi-device runs are launched by torchrun, one process "
-                              f"per device: {launch}")
+            if num_nodes == 1:
+                raise Relaunch(n)
+            raise ConfigError(f"trainer.num_nodes={num_nodes}: a run over several machines is started by torchrun on "
+                              f"each, one process per device: torchrun --nnodes {num_nodes} --nproc_per_node {n} "
+                              "--rdzv_backend c10d --rdzv_endpoint HOST:PORT cli.py fit ... --trainer.devices "
+                              f"{n} --trainer.num_nodes {num_nodes} --trainer.strategy ddp")
         if world != n * num_nodes:
             raise ConfigError(f"trainer.devices={devices!r} x trainer.num_nodes={num_nodes} does not match the "
                               f"{world} processes torchrun started (WORLD_SIZE): give --nproc_per_node "
@@ -410,6 +438,8 @@ def main(args: list[str] | None = None) -> int:
             },
             args=args,
         )
+    except Relaunch as exc:
+        return relaunch(exc.nproc, typed)
     except RunInterrupted as exc:
         print(exc.line(command_line(typed)), file=sys.stderr)
         return 130

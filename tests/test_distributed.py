@@ -265,7 +265,8 @@ def test_ddp_reconstruction_is_close_to_one_process(two_ranks, one_process, case
 
 
 @pytest.mark.parametrize("env, kwargs, says", [
-    ({}, dict(devices=2, strategy="ddp"), "launched by torchrun, one process per device: torchrun --nproc_per_node 2"),
+    ({}, dict(devices=2, strategy="ddp", num_nodes=2), "is started by torchrun on each, one process per device: "
+                                                       "torchrun --nnodes 2 --nproc_per_node 2"),
     ({}, dict(devices=2, strategy="auto"), "several devices need trainer.strategy=ddp"),
     ({}, dict(devices=1, strategy="ddp"), "a ddp run gives the devices per node and the strategy together"),
     ({"WORLD_SIZE": "2"}, dict(devices=1, strategy="auto"), "with 2 processes (WORLD_SIZE)"),
@@ -280,7 +281,36 @@ def test_trainer_settings_for_several_devices_are_refused_with_the_command_to_us
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     with pytest.raises(ConfigError, match=re.escape(says)):
-        check_trainer_settings("cpu", kwargs["devices"], None, kwargs["strategy"])
+        check_trainer_settings("cpu", kwargs["devices"], None, kwargs["strategy"], kwargs.get("num_nodes", 1))
+
+
+def test_several_devices_on_one_machine_without_torchrun_start_it(monkeypatch):
+    from compressor.cli import Relaunch, check_trainer_settings
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(Relaunch) as started:
+        check_trainer_settings("cpu", 2, None, "ddp")
+    assert started.value.nproc == 2
+
+
+@pytest.mark.multiprocess
+def test_the_plain_command_with_two_devices_runs_two_ranks_like_torchrun(model_folder, tmp_path, capfd, monkeypatch):
+    import json
+
+    from safetensors.torch import load_file
+
+    from compressor.cli import main
+
+    out = tmp_path / "self_launched"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main([*fit_args(model_folder, out), "--trainer.devices", "2", "--trainer.strategy", "ddp"]) == 0
+    assert "starting 2 processes, one per device: torchrun --standalone --nproc_per_node=2" in capfd.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["ranks"] == 2
+    assert main(fit_args(model_folder, tmp_path / "one")) == 0
+    a, b = load_file(tmp_path / "one" / "masks.safetensors"), load_file(out / "masks.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_trainer_settings_under_torchrun_give_the_devices_per_node(monkeypatch):
