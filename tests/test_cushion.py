@@ -303,3 +303,37 @@ def test_on_smollm2_a_bos_prefix_removes_the_attention_sink_outlier(smollm2, sha
     cfg = CushionConfig(text_len=128)
     assert text_error(model, owners, compute_prefix(model, [tok.bos_token_id]), texts[:1], cfg) < 0.5 * text_error(
         model, owners, None, texts[:1], cfg)
+
+
+def test_prune_moe_cushion_and_w8a8_in_one_run_and_validate_reproduces_it(tmp_path):
+    # the MoE FFN's linears see the input's own [batch, seq, d] shape, so the cushion's per-row errors and the
+    # W8A8 quantizers hooked on them work on a converted model too
+    from compressor.config import PruningConfig
+    from compressor.moe.config import MoEConfig
+    from compressor.pipeline import RunSettings, compress, validate
+    from compressor.quant.activations import ActivationQuantConfig
+
+    model, tok = model_and_tokenizer()
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    g = torch.Generator().manual_seed(7)
+    text.write_text(" ".join(f"w{i}" for i in torch.randint(0, VOCAB, (3000,), generator=g).tolist()))
+    calibration = CalibrationConfig(sources=[str(text)], num_samples=8, seqlen=48)
+    evaluation = EvaluationConfig(datasets=[str(text)], heldout_samples=0, max_windows=4)
+    out = tmp_path / "run"
+    settings = RunSettings(model=ModelConfig(name_or_path=str(folder)),
+                           pruning=PruningConfig(method="sparsegpt", sparsity=0.3), calibration=calibration,
+                           evaluation=evaluation, output=OutputConfig(dir=str(out), plots=False),
+                           moe=MoEConfig(enabled=True, experts=8, k=6, epochs=2, batch_size=32, router_tokens=0),
+                           cushion=small_cfg(), activations=ActivationQuantConfig(granularity="per_tensor_static"))
+    report = compress(settings, "cpu", progress=False)
+    assert report["stages"] == ["prune", "moe", "cushion", "activations"]
+    assert report["cushion"]["prefix_len"] >= 2 and report["activations"]["quantized_layers"] == 14
+    validated = validate(ModelConfig(name_or_path=str(out / "model")), evaluation, calibration, str(out), "cpu",
+                         progress=False)
+    assert validated["moe"] is not None and validated["activations"] == "per_tensor_static"
+    assert validated["cushion_prefix_len"] == report["cushion"]["prefix_len"]
+    (corpus, ppl), = validated["perplexity"].items()
+    assert ppl == pytest.approx(report["perplexity"]["compressed"][corpus], rel=1e-5)

@@ -148,17 +148,21 @@ class MoEFFN(nn.Module):
         shape = x.shape
         h = x.reshape(-1, shape[-1])
         sel = self.select(h)
-        y = self.forward_experts(h, sel) if self.expert_compute else self.forward_masked(h, sel)
-        y = y.reshape(*shape[:-1], y.shape[-1])
+        if self.expert_compute:
+            y = self.forward_experts(h, sel)
+            y = y.reshape(*shape[:-1], y.shape[-1])
+        else:  # the FFN's own linears see the input's own shape (hooks on them: W8A8, cushion errors)
+            y = self.forward_masked(x, sel)
         if self.spec.residual:  # BLOOM's FFN adds the residual it is given (dropout is off in eval)
             y = y + (args[0] if args else kwargs["residual"])
         return y
 
     def forward_masked(self, h: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
-        """Dense FFN, unselected neurons' activations replaced: ``h`` ``[n, d]``, ``sel`` ``[n, k]`` -> ``[n, d]``."""
+        """Dense FFN, unselected neurons' activations replaced: ``h`` ``[..., d]`` (``n`` tokens in all), ``sel``
+        ``[n, k]`` -> ``[..., d]``."""
         a = activation(self, self.spec, h)
-        keep = torch.zeros(h.shape[0], self.experts, dtype=torch.bool, device=h.device).scatter_(1, sel, True)
-        keep = keep[:, self.assignment]
+        keep = torch.zeros(sel.shape[0], self.experts, dtype=torch.bool, device=h.device).scatter_(1, sel, True)
+        keep = keep[:, self.assignment].reshape(a.shape)
         a = a * keep if self.variant == "zero" else torch.where(keep, a, self.mu.to(a.dtype))
         return getattr(self, self.spec.down)(a)
 
