@@ -173,7 +173,7 @@ class MoEFFN(nn.Module):
             return self.packed
         w = neuron_weights(self, self.spec)
         order = expert_order(self.assignment)
-        e, d = self.experts, w.w_out.shape[0]
+        e = self.experts
         m = self.d_ff // e
         mp = math.ceil(m / PAD) * PAD
 
