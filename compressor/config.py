@@ -275,8 +275,9 @@ class OutputConfig:
     changed)."""
     format: str = "hf"
     """How model/ is written: 'hf' (plain Hugging Face safetensors, dequantized weights) or 'compressed-tensors'
-    (INT4 layers as W4A16 pack-quantized groups through the compressed-tensors library, for vLLM; needs
-    quantization.symmetric=true and bits=4). Sparse zeros stay in the weights either way."""
+    (through the compressed-tensors library, for vLLM: INT4 layers as W4A16 pack-quantized groups, needing
+    quantization.symmetric=true and bits=4; or a per-tensor static, symmetric W8A8 activations stage as
+    int-quantized int8). Sparse zeros stay in the weights either way."""
 
     def __post_init__(self):
         if self.format not in OUTPUT_FORMATS:

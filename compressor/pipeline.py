@@ -110,6 +110,11 @@ def preflight(settings: RunSettings):
     for name, value in checks:
         if limit is not None and value > limit:
             raise ConfigError(f"{name}={value} is above the model's context of {limit} tokens: use at most {limit}")
+    if settings.cushion.enabled and settings.cushion.text_len > settings.calibration.seqlen:
+        raise ConfigError(f"model.cushion.text_len={settings.cushion.text_len} is longer than the calibration windows "
+                          f"(data.calibration.seqlen={settings.calibration.seqlen}): set model.cushion.text_len to at "
+                          f"most {settings.calibration.seqlen} or data.calibration.seqlen to at least "
+                          f"{settings.cushion.text_len}")
     check_export(settings.output, settings.quantization, config.model_type, settings.activations)
     writable_dir(settings.output.dir, "output.dir")
     return config
@@ -219,7 +224,7 @@ def tidy_checkpoints(summary: dict | None) -> None:
     size = f"{summary['bytes'] / 1e6:.0f} MB"
     if summary["kept"]:
         say(f"checkpoints kept in {summary['dir']} ({size}): a rerun with output.overwrite=true loads them "
-            "instead of pruning again; delete the folder when done")
+            "instead of redoing the stages; delete the folder when done")
     else:
         shutil.rmtree(summary["dir"], ignore_errors=True)
         say(f"checkpoints removed ({size} freed; output.keep_checkpoints=true keeps them)")
@@ -309,6 +314,8 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
         log.info("compressing %s on %s: stages %s", settings.model.name_or_path, device,
                  ", ".join(stage.name for stage in todo) or "none")
         ctx = prepare(settings, config, device, out, progress, run, model_and_tokenizer)
+        if "prune" not in [stage.name for stage in todo]:
+            run.blocks_total = None  # nothing is checkpointed block by block
         if settings.schedule.dry_run:
             schedule = make_schedule(settings, ctx.model, ctx.calib, device, out, progress)
             report = dry_run_report(settings, schedule, ctx.timings, device, out) if group.is_main else {}
@@ -359,8 +366,6 @@ def prepare(settings: RunSettings, config, device: torch.device, out: Path, prog
             model_and_tokenizer=None) -> RunContext:
     """Load the model, check the disk, make the calibration and evaluation windows, open the checkpoints."""
     timings: dict[str, float] = {}
-    log.info("compressing %s with %s %s on %s", settings.model.name_or_path, settings.pruning.method,
-             settings.pruning.label, device)
     t = time.perf_counter()
     model, tokenizer = model_and_tokenizer or load_model(settings.model, config)
     adapter = ModelAdapter(model)
@@ -467,6 +472,12 @@ def save_outputs(report: dict, ctx: RunContext, todo: list) -> None:
             w8a8 = ctx.artifacts.get("activations")
             if settings.output.format == "compressed-tensors" and w8a8 is not None:
                 report["export"] = export_w8a8(model, tokenizer, tmp, *w8a8_state_layers(w8a8)).summary()
+                if ctx.prefix is not None:
+                    kind = "its token ids prepended to every prompt reproduce it" if ctx.prefix.method != "tuned" \
+                        else "tuned keys/values: an engine serving this checkpoint does not apply it"
+                    report["export"]["note"] = (f"the static input scales were calibrated behind the cushion prefix "
+                                                f"({len(ctx.prefix)} tokens), which the format does not hold; {kind}")
+                    log.warning("export: %s", report["export"]["note"])
                 return
             if settings.output.format == "compressed-tensors":
                 report["export"] = export_w4a16(model, tokenizer, tmp, pruned.get("quantized"), pruned.get("masks"),

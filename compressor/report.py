@@ -84,6 +84,19 @@ def summary_table(report: dict):
         table.add_row(f"activations: {act['granularity']} A{act['bits']}{sq}", "",
                       f"{weights}; {act['quantized_inputs']} inputs of {act['quantized_layers']} layers, "
                       f"largest |x| {_fmt(act['largest_input_absmax'])}")
+    cushion = report.get("cushion")
+    if cushion:
+        ratio = cushion.get("last_block_max_to_median") or {}
+        table.add_row(f"cushion prefix ({cushion.get('method')}, {cushion.get('prefix_len')} tokens)",
+                      f"max/median {_fmt(ratio.get('without'))}",
+                      f"{' '.join(repr(t) for t in cushion.get('tokens') or [])}; max/median {_fmt(ratio.get('with'))}")
+    export = report.get("export")
+    if export:
+        dense = export.get("dense_layers") or {}
+        table.add_row(f"model/ as {export['format']} ({export['scheme']})", "",
+                      f"{export['packed_layers']} layers packed, {len(dense)} left dense (report.json export)")
+        if export.get("note"):
+            table.add_row("export note", "", export["note"])
     for row in table_rows(report.get("zeroshot")):
         table.add_row(*row)
     if report.get("resumed_blocks"):

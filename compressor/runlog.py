@@ -27,8 +27,10 @@ class RunInterrupted(KeyboardInterrupt):
         if not self.checkpointing:
             return f"interrupted: nothing is checkpointed (output.checkpoint=false); rerunning starts over: {command}"
         if self.folder is None:
-            return f"interrupted before the first block was pruned, nothing to resume; rerun: {command}"
-        total = self.total if self.total is not None else "?"
+            return f"interrupted before anything was checkpointed, nothing to resume; rerun: {command}"
+        if self.total is None:  # no prune stage: the later stages checkpoint (the greedy search after each step)
+            return f"interrupted: finished steps are checkpointed in {self.folder}; resume with: {command}"
+        total = self.total
         return f"interrupted: {self.done} of {total} blocks checkpointed in {self.folder}; resume with: {command}"
 
 

@@ -337,3 +337,29 @@ def test_prune_moe_cushion_and_w8a8_in_one_run_and_validate_reproduces_it(tmp_pa
     assert validated["cushion_prefix_len"] == report["cushion"]["prefix_len"]
     (corpus, ppl), = validated["perplexity"].items()
     assert ppl == pytest.approx(report["perplexity"]["compressed"][corpus], rel=1e-5)
+
+
+def test_a_search_text_longer_than_the_windows_is_refused_before_the_model_loads(tmp_path):
+    from compressor.pipeline import RunSettings, compress
+
+    model, tok = model_and_tokenizer()
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    (tmp_path / "text.txt").write_text("w1 w2 w3 " * 100)
+    settings = RunSettings(model=ModelConfig(name_or_path=str(tmp_path / "tiny")),
+                           calibration=CalibrationConfig(sources=[str(tmp_path / "text.txt")], num_samples=2,
+                                                         seqlen=32),
+                           output=OutputConfig(dir=str(tmp_path / "run")), cushion=small_cfg(text_len=64))
+    with pytest.raises(ConfigError, match=r"model.cushion.text_len=64 is longer than the calibration windows "
+                                          r"\(data.calibration.seqlen=32\): set model.cushion.text_len to at most 32"):
+        compress(settings, "cpu", progress=False)
+    assert not (tmp_path / "run" / "report.json").exists()
+
+
+def test_an_interrupted_run_without_a_prune_stage_does_not_count_blocks(tmp_path):
+    from compressor.runlog import RunInterrupted
+
+    line = RunInterrupted(0, None, tmp_path / "checkpoints").line("python cli.py fit --config c.yaml")
+    assert line == (f"interrupted: finished steps are checkpointed in {tmp_path / 'checkpoints'}; resume with: "
+                    "python cli.py fit --config c.yaml")
+    assert "before anything was checkpointed" in RunInterrupted(0, None, None).line("x")

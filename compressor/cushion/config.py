@@ -54,6 +54,7 @@ class CushionConfig:
     tuning_texts: int = 256
     """Texts of text_len tokens cut from the calibration windows for tuning (the paper does not state its data)."""
     tuning_batch: int = 8
+    """Texts per prefix-tuning step."""
     round_gradient: str = "zero"
     """Gradient of round() in the tuning error: zero (torch.round's own: d/dx ||x - q(x)||^2 = 2(x - q(x)) pulls
     each activation to its grid point) or ste (straight-through: with scales detached and taken from the same

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from compressor.config import ConfigError
 from compressor.cushion.config import CushionConfig
 from compressor.cushion.error import LinearInputError, distinct_linear_inputs
 from compressor.cushion.prefix import Prefix, compute_prefix, decoder, extend_prefix, prefixed_inputs
@@ -54,7 +55,9 @@ def draw_texts(calib: torch.Tensor, text_len: int, count: int, seed: int) -> tor
     """``count`` texts ``[count, text_len]`` cut from random windows of ``calib`` ``[k, seqlen]`` at random offsets."""
     k, seqlen = calib.shape
     if text_len > seqlen:
-        raise ValueError(f"cushion.text_len={text_len} is longer than the calibration windows ({seqlen} tokens)")
+        raise ConfigError(f"model.cushion.text_len={text_len} is longer than the calibration windows ({seqlen} tokens):"
+                          f" set model.cushion.text_len to at most {seqlen} or data.calibration.seqlen to at least "
+                          f"{text_len}")
     g = torch.Generator().manual_seed(seed)
     rows = torch.randint(0, k, (count,), generator=g)
     starts = torch.randint(0, seqlen - text_len + 1, (count,), generator=g)
