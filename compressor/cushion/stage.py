@@ -130,6 +130,8 @@ def run_cushion(model, tokenizer, calib: torch.Tensor, cfg: CushionConfig, out_d
             if saved:
                 steps = saved[1]
                 log.info("cushion: resuming the greedy search after %d steps", len(steps))
+                if progress:  # on the console too, as the pruning's resume is
+                    print(f"resuming the cushion's greedy search: {len(steps)} steps done ({ckpt})", flush=True)
             prefix, _ = greedy_search(model, tokenizer, calib, cfg, progress, start=saved[0] if saved else None,
                                       on_step=on_step)
         seconds = [s["seconds"] for s in steps]
