@@ -41,6 +41,18 @@ def model_and_tokenizer(seed: int = 0):
     return tiny_llama(layers=2, hidden=64, vocab=VOCAB + 2, seed=seed), tiny_tokenizer()
 
 
+def saved_tiny_model(tmp_path, words: int = 2000):
+    """The tiny model and tokenizer saved as a folder, and a text file of ``words`` random words; (folder, text)."""
+    model, tok = model_and_tokenizer()
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    g = torch.Generator().manual_seed(7)
+    text.write_text(" ".join(f"w{i}" for i in torch.randint(0, VOCAB, (words,), generator=g).tolist()))
+    return folder, text
+
+
 def small_cfg(**kw) -> CushionConfig:
     base = dict(method="greedy", text_len=24, candidate_batch=32, max_prefix_len=3, tau=0.999, tuning_texts=8,
                 tuning_batch=4)
@@ -229,13 +241,7 @@ def test_run_with_cushion_and_static_w8a8_saves_both_and_validate_reproduces_the
     from compressor.pipeline import RunSettings, compress, validate
     from compressor.quant.activations import ActivationQuantConfig
 
-    model, tok = model_and_tokenizer()
-    folder = tmp_path / "tiny"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    text = tmp_path / "text.txt"
-    g = torch.Generator().manual_seed(7)
-    text.write_text(" ".join(f"w{i}" for i in torch.randint(0, VOCAB, (2000,), generator=g).tolist()))
+    folder, text = saved_tiny_model(tmp_path)
     model_cfg = ModelConfig(name_or_path=str(folder))
     calibration = CalibrationConfig(sources=[str(text)], num_samples=4, seqlen=48)
     evaluation = EvaluationConfig(datasets=[str(text)], heldout_samples=0, max_windows=4)
@@ -313,13 +319,7 @@ def test_prune_moe_cushion_and_w8a8_in_one_run_and_validate_reproduces_it(tmp_pa
     from compressor.pipeline import RunSettings, compress, validate
     from compressor.quant.activations import ActivationQuantConfig
 
-    model, tok = model_and_tokenizer()
-    folder = tmp_path / "tiny"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    text = tmp_path / "text.txt"
-    g = torch.Generator().manual_seed(7)
-    text.write_text(" ".join(f"w{i}" for i in torch.randint(0, VOCAB, (3000,), generator=g).tolist()))
+    folder, text = saved_tiny_model(tmp_path, 3000)
     calibration = CalibrationConfig(sources=[str(text)], num_samples=8, seqlen=48)
     evaluation = EvaluationConfig(datasets=[str(text)], heldout_samples=0, max_windows=4)
     out = tmp_path / "run"
@@ -342,13 +342,9 @@ def test_prune_moe_cushion_and_w8a8_in_one_run_and_validate_reproduces_it(tmp_pa
 def test_a_search_text_longer_than_the_windows_is_refused_before_the_model_loads(tmp_path):
     from compressor.pipeline import RunSettings, compress
 
-    model, tok = model_and_tokenizer()
-    model.save_pretrained(tmp_path / "tiny")
-    tok.save_pretrained(tmp_path / "tiny")
-    (tmp_path / "text.txt").write_text("w1 w2 w3 " * 100)
-    settings = RunSettings(model=ModelConfig(name_or_path=str(tmp_path / "tiny")),
-                           calibration=CalibrationConfig(sources=[str(tmp_path / "text.txt")], num_samples=2,
-                                                         seqlen=32),
+    folder, text = saved_tiny_model(tmp_path, 300)
+    settings = RunSettings(model=ModelConfig(name_or_path=str(folder)),
+                           calibration=CalibrationConfig(sources=[str(text)], num_samples=2, seqlen=32),
                            output=OutputConfig(dir=str(tmp_path / "run")), cushion=small_cfg(text_len=64))
     with pytest.raises(ConfigError, match=r"model.cushion.text_len=64 is longer than the calibration windows "
                                           r"\(data.calibration.seqlen=32\): set model.cushion.text_len to at most 32"):
