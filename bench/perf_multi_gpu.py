@@ -140,10 +140,14 @@ def launch(n: int, what: str, args, folder: Path) -> dict:
     return json.loads(record.read_text())
 
 
-def protocol(n: int, folder: Path, config: str) -> dict:
-    """The shared SmolLM2 protocol (SparseGPT 50%; ``config``) by the CLI on 1 device and under torchrun on ``n``."""
+def protocol(n: int, folder: Path, config: str, concurrent: bool = False) -> dict:
+    """The shared SmolLM2 protocol (``config``) by the CLI on 1 device and under torchrun on ``n``.
+
+    Output folders are ``folder/protocol<devices>``: a rerun with the same ``folder`` resumes from their
+    checkpoints. ``concurrent`` starts both runs at once (they share GPU 0): the perplexities are unaffected,
+    the seconds are then no speed figure."""
     base = ["cli.py", "fit", "--config", config, "--output.plots", "false"]
-    ppl = {}
+    runs = {}
     for devices in (1, n):
         out = folder / f"protocol{devices}"
         extra = ["--output.dir", str(out)]
@@ -153,14 +157,23 @@ def protocol(n: int, folder: Path, config: str) -> dict:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
                    *base, *extra, "--trainer.devices", str(devices), "--trainer.strategy", "ddp"]
         print("$", " ".join(cmd), flush=True)
-        t = time.perf_counter()
-        subprocess.run(cmd, check=True, cwd=ROOT)
+        runs[devices] = (out, time.perf_counter(), subprocess.Popen(cmd, cwd=ROOT))
+        if not concurrent:
+            wait(runs[devices][2])
+    ppl = {}
+    for devices, (out, started, proc) in runs.items():
+        wait(proc)
         report = json.loads((out / "report.json").read_text())
         ppl[devices] = {"perplexity": report["perplexity"]["compressed"],
-                        "seconds": round(time.perf_counter() - t, 1)}
+                        "seconds": round(time.perf_counter() - started, 1)}
     a, b = (next(iter(ppl[d]["perplexity"].values())) for d in (1, n))
-    return {"what": "protocol", "config": config, "devices": [1, n], "runs": ppl,
+    return {"what": "protocol", "config": config, "devices": [1, n], "runs": ppl, "concurrent": concurrent,
             "relative_difference": abs(b - a) / a}
+
+
+def wait(proc: subprocess.Popen) -> None:
+    if proc.wait() != 0:
+        raise SystemExit(f"{' '.join(map(str, proc.args))} failed with exit status {proc.returncode}")
 
 
 def main() -> None:
@@ -178,6 +191,10 @@ def main() -> None:
     p.add_argument("--protocol", action="store_true", help="also the SmolLM2 protocol's perplexity on 1 and N")
     p.add_argument("--protocol-only", action="store_true", help="only the protocol (no timings)")
     p.add_argument("--protocol-config", default="configs/protocol.yaml", help="the protocol's config file")
+    p.add_argument("--protocol-dir", default=None, help="keep the protocol runs' output folders here (a rerun "
+                                                        "resumes them; default: a temporary folder)")
+    p.add_argument("--concurrent", action="store_true", help="protocol: run 1 and N devices at once (perplexity "
+                                                             "only; their seconds are then no speed figure)")
     p.add_argument("--out", default=None, help="results file (default bench/results/perf_multi_gpu.json; smoke: "
                                                "a temporary folder's)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -211,7 +228,8 @@ def main() -> None:
                       + (f", masks agree {r['mask_agreement_vs_1']:.6f}" if "mask_agreement_vs_1" in r else ""))
             records += runs
         if args.protocol or args.protocol_only:
-            rec = protocol(max(args.devices), folder, args.protocol_config)
+            rec = protocol(max(args.devices), Path(args.protocol_dir) if args.protocol_dir else folder,
+                           args.protocol_config, args.concurrent)
             print(f"protocol: perplexity relative difference {rec['relative_difference']:.2e}")
             records.append(rec)
         machine = "CPU (gloo)" if small else torch.cuda.get_device_name(0)

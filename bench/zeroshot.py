@@ -3,6 +3,7 @@
     python bench/zeroshot.py --model <SmolLM2 gguf> --data <shared data> --out bench/results/zeroshot.json
     python bench/zeroshot.py --settings sparsegpt:0.5:br+gp --append      # one setting per command, merged
     python bench/zeroshot.py --smoke                                       # CPU, packaged model, 2 docs per task
+    python bench/zeroshot.py --merge part1.json part2.json --out zeroshot.json   # tasks split over commands
 
 Does reconstruction's lower error help or hurt zero-shot accuracy (Shin et al., EMNLP 2024, ask)? Each setting
 is compressed as ``bench/protocol.py`` does (128 x 2048 calibration windows of wiki.valid.tokens, seed 0;
@@ -57,6 +58,10 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/zeroshot.json")
     ap.add_argument("--append", action="store_true", help="merge into --out, replacing records of the same setting")
     ap.add_argument("--workdir", default="outputs/zeroshot")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the compression checkpointed in --workdir by an earlier (interrupted or finished) "
+                         "command of the same setting: only what is missing is compressed, then every task is "
+                         "measured (checkpoints are kept so a later command can resume again)")
     ap.add_argument("--limit", type=int, default=None, help="documents per task (default: full splits)")
     ap.add_argument("--batch-size", type=int, default=None, help="harness requests per forward (GPU 64, CPU 8)")
     ap.add_argument("--samples", type=int, default=128)
@@ -66,8 +71,16 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--max-windows", type=int, default=None, help="perplexity windows (default: all 147)")
+    ap.add_argument("--merge", nargs="+", metavar="FILE", default=None,
+                    help="measure nothing: combine result files of commands that split the tasks (or settings) "
+                         "between them into --out, each setting's mean accuracy over all its tasks")
     ap.add_argument("--smoke", action="store_true", help="CPU check: tiny calibration, 1 epoch, 2 docs per task")
     args = ap.parse_args()
+    if args.merge:
+        merged = merge([json.loads(Path(f).read_text()) for f in args.merge], "python " + " ".join(sys.argv))
+        atomic_write_json(Path(args.out), merged)
+        print_table(merged["records"], merged["settings"], args.tasks, Path(args.out))
+        return
     if args.smoke:
         args.samples, args.seqlen, args.recon_samples, args.recon_seqlen, args.epochs = 2, 128, 2, 128, 1
         args.limit, args.max_windows = args.limit or 2, args.max_windows or 2
@@ -105,7 +118,8 @@ def main() -> None:
                                               seed=0),
                 evaluation=evaluation,
                 output=OutputConfig(dir=os.path.join(args.workdir, text.replace(":", "_")), save_model=False,
-                                    save_masks=False, plots=False, start_over=True),
+                                    save_masks=False, plots=False, start_over=not args.resume,
+                                    overwrite=args.resume, keep_checkpoints=args.resume),
                 runtime=RuntimeConfig(batch_size=1),
                 reconstruction=ReconstructionConfig(mode=mode, epochs=args.epochs, lr=args.lr),
                 recon_calibration=CalibrationConfig(sources=[calib_file], num_samples=args.recon_samples,
@@ -138,16 +152,53 @@ def main() -> None:
             "limit": args.limit, "model": "smollm2-135m (protocol)", "note": DERIVED_NOTE,
             "records": records, "settings": summaries})
 
+    print_table(records, summaries, args.tasks, out)
+
+
+def print_table(records: list[dict], summaries: list[dict], tasks: list[str], out: Path) -> None:
     by = {(r["setting"], r["task"]): r for r in records}
     names = [s["setting"] for s in summaries]
     print(f"\n{'task':<16}" + "".join(f"{n:>24}" for n in names))
-    for task in args.tasks:
+    for task in tasks:
         label = task + (" *" if task == "hellaswag" else "")
         print(f"{label:<16}" + "".join(f"{by[(n, task)]['acc']:>24.4f}" if (n, task) in by else f"{'-':>24}"
                                         for n in names))
     print(f"{'mean acc':<16}" + "".join(f"{s['mean_acc']:>24.4f}" for s in summaries))
     print(f"{'wikitext2 ppl':<16}" + "".join(f"{s['wikitext2_ppl']:>24.2f}" for s in summaries))
     print(f"* {DERIVED_NOTE}\nwritten {out}")
+
+
+def merge(parts: list[dict], command: str) -> dict:
+    """One results dict from ``parts`` (this script's files) that measured disjoint tasks of the same settings.
+
+    A setting's summary keeps the first part's fields, its ``mean_acc`` and ``tasks`` are recomputed over every
+    task's record, and ``parts`` lists each part's tasks and seconds. Raises SystemExit when two parts disagree on
+    the limit or harness, or on a setting's perplexity by more than 0.1% (then they did not compress alike)."""
+    for key in ("limit", "harness"):
+        if len({json.dumps(p[key]) for p in parts}) > 1:
+            raise SystemExit(f"the files differ in {key}: {[p[key] for p in parts]}; merge only parts of one protocol")
+    records, summaries = {}, {}
+    for part in parts:
+        tasks = {}
+        for r in part["records"]:
+            records[(r["setting"], r["task"])] = r
+            tasks.setdefault(r["setting"], []).append(r["task"])
+        for s in part["settings"]:
+            first = summaries.setdefault(s["setting"], {**s, "parts": []})
+            if abs(first["wikitext2_ppl"] - s["wikitext2_ppl"]) > 1e-3 * first["wikitext2_ppl"]:
+                raise SystemExit(f"{s['setting']}: perplexity {first['wikitext2_ppl']:.4f} in one file, "
+                                 f"{s['wikitext2_ppl']:.4f} in another: the parts did not compress alike")
+            first["parts"].append({"tasks": tasks.get(s["setting"], []), "seconds": s["seconds"],
+                                   "eval_seconds": s["eval_seconds"], "command": part["command"]})
+    rank = {name: i for i, name in enumerate(SETTINGS)}
+    out = []
+    for name, s in sorted(summaries.items(), key=lambda kv: rank.get(kv[0], len(rank))):
+        mine = {r["task"]: r for (setting, _), r in records.items() if setting == name}
+        out.append({**s, "mean_acc": mean_accuracy(mine), "tasks": len(mine)})
+    order = {t: i for i, t in enumerate(ORDER)}
+    recs = sorted(records.values(), key=lambda r: (rank.get(r["setting"], len(rank)), order.get(r["task"], 99)))
+    return {**{k: parts[0][k] for k in ("machine", "date", "harness", "num_fewshot", "limit", "model", "note")},
+            "command": command, "records": recs, "settings": out}
 
 
 if __name__ == "__main__":
