@@ -92,3 +92,14 @@ def hpu_overrides(trainer) -> dict:
 def accelerator_for(device: str | torch.device) -> str:
     """The Trainer accelerator name that trains on ``device``: ``gpu`` for CUDA, ``cpu``, ``hpu``, else ``auto``."""
     return {"cuda": "gpu", "cpu": "cpu", HPU: HPU}.get(torch.device(device).type, "auto")
+
+
+def reset_peak_gpu_memory(device: torch.device) -> None:
+    """Start ``torch.cuda.max_memory_allocated(device)`` afresh; nothing for other device types.
+
+    CUDA is initialised first: before a process's first CUDA call the caching allocator knows no device, and the
+    reset raises ``RuntimeError: Invalid device argument`` (a one-device ``cli.py fit`` on a machine with several
+    GPUs met this before anything had touched the GPU; pytorch/pytorch#49952 is the same for the memory queries)."""
+    if device.type == "cuda":
+        torch.cuda.init()
+        torch.cuda.reset_peak_memory_stats(device)

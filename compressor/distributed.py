@@ -149,17 +149,41 @@ class ProcessGroup:
         return out
 
     def check_identical(self, tensors: dict[str, torch.Tensor], what: str) -> None:
-        """Raise RuntimeError when ranks hold different ``tensors`` (compared by float64 sums and sums of squares
-        computed on each rank: a cheap checksum, one small all-gather)."""
+        """Raise RuntimeError when ranks hold different ``tensors``.
+
+        Each rank reduces every tensor to an exact, position-dependent checksum of its bits (:func:`bit_checksum`,
+        on this group's device: GPU work for a GPU run, whatever device the tensor lives on), and one all-gather of
+        those numbers compares them: a mask with the same count of kept weights in other places differs."""
         if not self.distributed:
             return
         names = sorted(tensors)
-        sums = {k: (tensors[k].double().sum().item(), tensors[k].double().square().sum().item()) for k in names}
-        every = self.all_gather_object(sums)
-        differ = [k for k in names if any(s.get(k) != sums[k] for s in every)]
+        sums = torch.stack([bit_checksum(tensors[k].to(self.device)) for k in names])
+        every = [torch.empty_like(sums) for _ in range(self.world_size)]
+        dist.all_gather(every, sums)
+        bad = (torch.stack(every) != sums).any(dim=0).tolist()
+        differ = [k for k, b in zip(names, bad) if b]
         if differ:
             raise RuntimeError(f"{what}: ranks hold different values of {', '.join(differ[:5])}"
                                f"{' ...' if len(differ) > 5 else ''}: the run cannot continue consistently")
+
+
+_INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bit_checksum(t: torch.Tensor, chunk: int = 1 << 24) -> torch.Tensor:
+    """A 0-d int64 on ``t``'s device: the sum over elements of (element's bits as an integer) x (1 + its flat
+    index mod 65521), wrapping modulo 2**64 (integer sums give the same value in any order, on any device).
+    Equal tensors give equal checksums; a changed or moved element changes it (short of a collision)."""
+    flat = t.detach().contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.view(torch.uint8)
+    bits = flat.view(_INT_OF_WIDTH[flat.element_size()])
+    total = torch.zeros((), dtype=torch.int64, device=t.device)
+    for start in range(0, bits.numel(), chunk):
+        part = bits[start:start + chunk].to(torch.int64)
+        weight = torch.arange(start, start + part.numel(), dtype=torch.int64, device=t.device) % 65521 + 1
+        total += (part * weight).sum()
+    return total
 
 
 def current() -> ProcessGroup:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from compressor import distributed, zeroshot
-from compressor.accelerators import accelerator_for
+from compressor.accelerators import accelerator_for, reset_peak_gpu_memory
 from compressor.checkpoint import BlockCheckpoints, tensor_fingerprint
 from compressor.config import (
     GENERATED,
@@ -302,8 +302,7 @@ def compress(settings: RunSettings, device: str | torch.device = "cpu", progress
         flag = "output.overwrite=true" if settings.output.overwrite else "output.start_over=true"
         scope = "compression from the start" if settings.output.start_over else redo_scope(out)
         say(f"{out} holds this run, finished {previous.get('date', '')}: {flag} redoes {scope}")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_gpu_memory(device)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     if settings.runtime.deterministic:
         # cuBLAS reads this when its handle is created: set it before the first GPU matmul of the process

@@ -115,9 +115,25 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
 
     init_from_env("cpu")
     try:
-        torch.save(run_cases(), os.path.join(folder, f"rank{rank}.pt"))
+        torch.save({**run_cases(), "moved mask": moved_mask_error(rank)}, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def moved_mask_error(rank: int) -> str | None:
+    """The identity check on this rank: equal tensors pass; then rank 1's mask keeps as many weights as rank 0's,
+    in other places. Returns the error raised (None if none)."""
+    from compressor.distributed import current
+
+    g = current()
+    weight = torch.arange(12, dtype=torch.bfloat16).reshape(3, 4)
+    mask = torch.tensor([True, False] * 6).reshape(3, 4)
+    g.check_identical({"weight": weight, "mask": mask}, "block 0")
+    try:
+        g.check_identical({"weight": weight, "mask": mask.roll(1) if rank == 1 else mask}, "block 1")
+    except RuntimeError as exc:
+        return str(exc)
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +160,13 @@ def test_two_ranks_hold_identical_weights_masks_and_codes(two_ranks, case):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), f"{part} {k} differs between ranks"
     assert a["errors"] == b["errors"] and a["layer_error"] == b["layer_error"] and a["sparsity"] == b["sparsity"]
+
+
+@pytest.mark.multiprocess
+def test_ranks_with_masks_of_equal_count_in_other_places_are_told_apart(two_ranks):
+    for rank in two_ranks:
+        assert rank["moved mask"] == "block 1: ranks hold different values of mask: the run cannot continue " \
+                                     "consistently"
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c not in TRAINED])

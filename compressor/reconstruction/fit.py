@@ -16,7 +16,7 @@ from lightning.pytorch import Trainer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from compressor.accelerators import is_hpu, trainer_settings
+from compressor.accelerators import is_hpu, reset_peak_gpu_memory, trainer_settings
 from compressor.engine import BlockKwargs
 from compressor.reconstruction.module import BlockReconstruction, ReconstructionConfig
 
@@ -146,8 +146,7 @@ def fit_window(
                           enable_progress_bar=progress, num_sanity_val_steps=0, log_every_n_steps=1,
                           gradient_clip_val=None, deterministic=deterministic or None)
     device = next(module.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_gpu_memory(device)
 
     t = time.perf_counter()
     with float32_master(blocks), quiet_lightning(), torch.enable_grad(), ctrl_c_propagates(trainer):
