@@ -18,6 +18,7 @@ blocks (default 8), batch 8; ``br+gp``, SparseGPT 50% then BR+GP reconstruction 
 10 epochs, batch 8 in all, bf16-mixed) over 2 blocks, the second one's time being the steady per-block figure.
 
 Recorded per measurement and device count: ``devices``, ``seconds``, ``speedup_vs_1`` (of ``seconds``),
+``allreduce_gb_per_s`` (several devices: a 256 MiB float32 all-reduce's size over its time, measured first),
 ``seconds_per_block`` (blocks after the first) and its ``speedup_per_block``, and for LR
 ``mask_agreement_vs_1``: the fraction of mask entries equal to the 1-device run's (the Gram matrices are
 summed in another order, so a weight at an exact tie may flip; 1.0 expected in practice).
@@ -65,6 +66,24 @@ def build_model(shape: dict, blocks: int, device: torch.device, dtype: torch.dty
     return model
 
 
+def allreduce_bandwidth(device: torch.device, mib: int = 256, reps: int = 5) -> float:
+    """GB/s of an all-reduce of a ``mib``-MiB float32 tensor over the ranks (its size over the median time of ``reps``
+    after one warm-up): the link the Gram sums, the broadcasts and DDP's gradients cross."""
+    import torch.distributed as dist
+
+    x = torch.ones(mib * 2**18, device=device)
+    times = []
+    for _ in range(reps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        dist.all_reduce(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    return round(x.numel() * 4 / sorted(times[1:])[reps // 2] / 1e9, 2)
+
+
 def worker(args) -> None:
     """One rank of one device count: prune, time, write rank 0's record (and masks, or their agreement)."""
     from compressor.config import PruningConfig, RuntimeConfig
@@ -88,6 +107,7 @@ def worker(args) -> None:
     pruner = SequentialPruner(model, PruningConfig(method="sparsegpt", sparsity=0.5),
                               RuntimeConfig(batch_size=args.batch_size, track_error=False), device,
                               reconstruction=recon, accelerator="gpu" if gpu else "cpu", group=group)
+    bandwidth = allreduce_bandwidth(device) if group.distributed else None
     group.barrier()
     if gpu:
         torch.cuda.synchronize()
@@ -103,7 +123,8 @@ def worker(args) -> None:
     record = {"what": f"{args.what}-sparsegpt-0.5", "devices": group.world_size, "seconds": round(seconds, 3),
               "seconds_per_block": round(sum(steady) / len(steady), 3), "blocks_run": args.blocks,
               "tokens": f"{args.samples} x {args.seqlen}", "batch_size": args.batch_size,
-              "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if gpu else None}
+              "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if gpu else None,
+              "allreduce_gb_per_s": bandwidth}
     if args.what == "br+gp":
         record["epochs"] = args.epochs
         record["training_seconds_per_block"] = [round(r.training[0]["seconds"], 3) for r in reports]
