@@ -13,9 +13,11 @@ pruning, broadcasts and the per-block rank checksum included; model building exc
 between two barriers. The model keeps its embeddings and head but only ``--blocks`` of LLaMA-7B's 32 decoder
 blocks (default 8, to keep the call short); the per-block figure is what scales to 32.
 
-Two measurements (``--what``, both by default): ``lr``, SparseGPT 50% with 128 x 2048 windows over ``--blocks``
+Three measurements (``--what``, all by default): ``lr``, SparseGPT 50% with 128 x 2048 windows over ``--blocks``
 blocks (default 8), batch 8; ``br+gp``, SparseGPT 50% then BR+GP reconstruction of each block (256 x 1024 windows,
-10 epochs, batch 8 in all, bf16-mixed) over 2 blocks, the second one's time being the steady per-block figure.
+10 epochs, batch 8 in all, bf16-mixed) over 2 blocks, the second one's time being the steady per-block figure;
+``br+gp-bf16``, the same with gradients averaged in bfloat16 (``reconstruction.gradient_allreduce``), on several
+devices only, against ``br+gp``'s 1-device run.
 
 Recorded per measurement and device count: ``devices``, ``seconds``, ``speedup_vs_1`` (of ``seconds``),
 ``allreduce_gb_per_s`` (several devices: a 256 MiB float32 all-reduce's size over its time, measured first),
@@ -101,9 +103,10 @@ def worker(args) -> None:
     calib = torch.randint(0, shape["vocab_size"], (args.samples, args.seqlen),
                           generator=torch.Generator().manual_seed(0))
     recon = ReconstructionConfig()
-    if args.what == "br+gp":
+    if args.what != "lr":
         recon = ReconstructionConfig(mode="br+gp", epochs=args.epochs, batch_size=args.batch_size,
-                                     precision="32-true" if args.smoke else "bf16-mixed")
+                                     precision="32-true" if args.smoke else "bf16-mixed",
+                                     gradient_allreduce="bfloat16" if args.what == "br+gp-bf16" else "float32")
     pruner = SequentialPruner(model, PruningConfig(method="sparsegpt", sparsity=0.5),
                               RuntimeConfig(batch_size=args.batch_size, track_error=False), device,
                               reconstruction=recon, accelerator="gpu" if gpu else "cpu", group=group)
@@ -125,8 +128,9 @@ def worker(args) -> None:
               "tokens": f"{args.samples} x {args.seqlen}", "batch_size": args.batch_size,
               "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if gpu else None,
               "allreduce_gb_per_s": bandwidth}
-    if args.what == "br+gp":
+    if args.what != "lr":
         record["epochs"] = args.epochs
+        record["gradient_allreduce"] = recon.gradient_allreduce
         record["training_seconds_per_block"] = [round(r.training[0]["seconds"], 3) for r in reports]
         Path(args.record).write_text(json.dumps(record))
         return
@@ -200,7 +204,8 @@ def wait(proc: subprocess.Popen) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", type=int, nargs="+", default=[1, 2], help="device counts to time (1 first)")
-    p.add_argument("--what", nargs="+", default=["lr", "br+gp"], choices=["lr", "br+gp"], help="measurements")
+    p.add_argument("--what", nargs="+", default=["lr", "br+gp", "br+gp-bf16"], choices=["lr", "br+gp", "br+gp-bf16"],
+                   help="measurements (br+gp-bf16: several devices only, against br+gp's 1-device run)")
     p.add_argument("--blocks", type=int, default=None, help="LR: decoder blocks of the model (default 8; smoke 2)")
     p.add_argument("--samples", type=int, default=None, help="windows (default LR 128, BR+GP 256; smoke 8)")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default LR 2048, BR+GP 1024; "
@@ -236,11 +241,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         records = []
+        ones = {}  # measurement -> its 1-device record
         for what in [] if args.protocol_only else args.what:
-            runs = [launch(n, what, args, folder) for n in args.devices]
+            several = what == "br+gp-bf16"  # bf16 gradient averaging changes nothing on one device
+            runs = [launch(n, what, args, folder) for n in args.devices if not (several and n == 1)]
+            base = ones.get("br+gp") if several else runs[0]
+            if base is None:
+                raise SystemExit("--what br+gp-bf16 is timed against br+gp's 1-device run: list br+gp before it")
+            ones[what] = base
             for r in runs:
-                r["speedup_vs_1"] = round(runs[0]["seconds"] / r["seconds"], 3)
-                r["speedup_per_block"] = round(runs[0]["seconds_per_block"] / r["seconds_per_block"], 3)
+                r["speedup_vs_1"] = round(base["seconds"] / r["seconds"], 3)
+                r["speedup_per_block"] = round(base["seconds_per_block"] / r["seconds_per_block"], 3)
                 r.update(model="tiny-llama" if small else "llama-7b-shape", dtype="float32" if small else "bfloat16",
                          note=f"{r['blocks_run']} of {'2' if small else '32'} decoder blocks; random weights and "
                               "token ids")

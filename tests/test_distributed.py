@@ -66,8 +66,12 @@ CASES = {
                   reconstruction=dict(mode="br+gp", epochs=2, batch_size=2)),
     "br+gp+cr": dict(pruning=dict(method="sparsegpt", sparsity=0.5), windows=8,
                      reconstruction=dict(mode="br+gp+cr", epochs=2, batch_size=2)),
+    # the same, gradients averaged across ranks in bfloat16 (one process: nothing to average, the plain case)
+    "br+gp bf16 allreduce": dict(pruning=dict(method="sparsegpt", sparsity=0.5), windows=8,
+                                 reconstruction=dict(mode="br+gp", epochs=2, batch_size=2,
+                                                     gradient_allreduce="bfloat16")),
 }
-TRAINED = ("br+gp", "br+gp+cr")
+TRAINED = ("br+gp", "br+gp+cr", "br+gp bf16 allreduce")
 
 
 def run_cases(windows: int = 7) -> dict:
@@ -95,7 +99,8 @@ def run_cases(windows: int = 7) -> dict:
         results[name] = {"weights": {k: v.clone() for k, v in model.state_dict().items()},
                          "masks": dict(pruner.masks), "quantized": dict(pruner.quantized),
                          "errors": [(r.calib_rel_error, r.heldout_rel_error) for r in reports],
-                         "layer_error": [r.layer_error for r in reports], "sparsity": [r.sparsity for r in reports]}
+                         "layer_error": [r.layer_error for r in reports], "sparsity": [r.sparsity for r in reports],
+                         "allreduce": [t.get("gradient_allreduce") for r in reports for t in r.training]}
     for allocator, granularity in (("owl", "block"), ("hessian", "layer")):  # the dense pass of a schedule
         config = ScheduleConfig(allocator=allocator, granularity=granularity)
         schedule = build_schedule(tiny_llama(layers=2), calib[:windows], config, PruningConfig(sparsity=0.5), 2,
@@ -285,6 +290,8 @@ def test_ddp_reconstruction_is_close_to_one_process(two_ranks, one_process, case
     assert first and all(torch.equal(dist_["masks"][k], ref["masks"][k]) for k in first)
     for (ce, he), (rce, rhe) in zip(dist_["errors"], ref["errors"]):
         assert ce == pytest.approx(rce, rel=0.25) and he == pytest.approx(rhe, rel=0.25)
+    wanted = CASES[case]["reconstruction"].get("gradient_allreduce", "float32")
+    assert set(dist_["allreduce"]) == {wanted} and set(ref["allreduce"]) == {None}
 
 
 @pytest.mark.parametrize("env, kwargs, says", [

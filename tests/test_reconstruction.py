@@ -115,6 +115,11 @@ def test_unknown_mode_is_named():
         ReconstructionConfig(mode="gp")
 
 
+def test_unknown_gradient_allreduce_dtype_is_named():
+    with pytest.raises(ConfigError, match="reconstruction.gradient_allreduce='float16': choose float32 or bfloat16"):
+        ReconstructionConfig(gradient_allreduce="float16")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_models_reconstruct_on_an_fp32_master_copy(dtype):
     torch.manual_seed(4)

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -21,6 +21,47 @@ from compressor.engine import BlockKwargs
 from compressor.reconstruction.module import BlockReconstruction, ReconstructionConfig
 
 log = logging.getLogger(__name__)
+
+
+def bf16_average(process_group, bucket):
+    """A DDP communication hook (``DistributedDataParallel.register_comm_hook``): average a gradient bucket over
+    the ranks in bfloat16, half the bytes of float32, and write the rounded average back into the bucket.
+
+    PyTorch's own ``bf16_compress_hook`` does the same but refuses any backend other than NCCL (or XCCL), so the
+    gloo test processes could not run it; this one runs wherever the backend all-reduces bfloat16."""
+    import torch.distributed as dist
+
+    group = process_group if process_group is not None else dist.group.WORLD
+    grads = bucket.buffer()
+    half = grads.to(torch.bfloat16).div_(dist.get_world_size(group))
+    work = dist.all_reduce(half, group=group, async_op=True).get_future()
+
+    def unpack(fut):
+        grads.copy_(fut.value()[0])
+        return grads
+
+    return work.then(unpack)
+
+
+class BF16GradientAllreduce(Callback):
+    """Average DDP's gradients in bfloat16 (``reconstruction.gradient_allreduce``): :func:`bf16_average` registered
+    on the DDP-wrapped module once Lightning has wrapped it (Lightning's ``DDPStrategy(ddp_comm_hook=...)`` registers
+    hooks on CUDA only)."""
+
+    dtype = "bfloat16"
+
+    def __init__(self):
+        self.registered = False
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = trainer.strategy.model
+        if not isinstance(ddp, DistributedDataParallel):
+            raise RuntimeError(f"reconstruction.gradient_allreduce=bfloat16 needs Lightning's DDP strategy; the "
+                               f"module is wrapped by {type(ddp).__name__}")
+        ddp.register_comm_hook(state=None, hook=bf16_average)
+        self.registered = True
 
 
 class StreamRows(Dataset):
@@ -114,7 +155,8 @@ def fit_window(
     Lightning defines it: fp32, or fp32 master weights under bf16/fp16 autocast) and the result is written
     back in the storage dtype; pruned weights stay exactly zero through the rounding.
 
-    Returns ``{"seconds", "steps", "last_epoch_loss", "accelerator", "peak_gpu_gb"}`` (``accelerator``: the
+    Returns ``{"seconds", "steps", "last_epoch_loss", "accelerator", "gradient_allreduce", "peak_gpu_gb"}``
+    (``gradient_allreduce``: the dtype DDP averaged gradients in, None on one device; ``accelerator``: the
     Trainer's accelerator class, e.g. ``CPUAccelerator``, ``CUDAAccelerator``, ``HPUAccelerator``); the loss curve
     goes to CSV and TensorBoard under ``log_dir/name`` when ``log_dir`` is given. ``accelerator="hpu"`` trains
     with lightning-habana's classes (``compressor.accelerators.trainer_settings``).
@@ -134,6 +176,7 @@ def fit_window(
         local = int(os.environ.get("LOCAL_WORLD_SIZE", ranks))
         settings = trainer_settings(accelerator, local, "auto" if is_hpu(accelerator) else "ddp")
         settings.update(num_nodes=ranks // local, use_distributed_sampler=False)
+    callbacks = [BF16GradientAllreduce()] if ranks > 1 and cfg.gradient_allreduce == "bfloat16" else []
     module = BlockReconstruction(blocks, masked, block_kwargs, cfg, steps)
     loggers = False
     if log_dir is not None:
@@ -144,7 +187,7 @@ def fit_window(
         trainer = Trainer(max_epochs=cfg.epochs, **settings, precision=cfg.precision,
                           logger=loggers, enable_checkpointing=False, enable_model_summary=False,
                           enable_progress_bar=progress, num_sanity_val_steps=0, log_every_n_steps=1,
-                          gradient_clip_val=None, deterministic=deterministic or None)
+                          gradient_clip_val=None, deterministic=deterministic or None, callbacks=callbacks)
     device = next(module.parameters()).device
     reset_peak_gpu_memory(device)
 
@@ -159,4 +202,5 @@ def fit_window(
         p.requires_grad_(False)
     return {"seconds": seconds, "steps": steps, "last_epoch_loss": losses[-1] if losses else None,
             "accelerator": type(trainer.accelerator).__name__,
+            "gradient_allreduce": next((c.dtype for c in callbacks if c.registered), "float32") if ranks > 1 else None,
             "peak_gpu_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}

@@ -20,6 +20,7 @@ from compressor.config import ConfigError
 from compressor.engine import BlockKwargs, block_output
 
 MODES = ("lr", "br", "br+gp", "br+gp+cr")
+ALLREDUCE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -46,6 +47,10 @@ class ReconstructionConfig:
     """Also train norm weights (and LayerNorm/linear biases where the family has them)."""
     seed: int = 0
     """Seed of the batch shuffling."""
+    gradient_allreduce: str = "float32"
+    """Several ranks (DDP): the dtype in which each step's gradients are averaged across ranks. float32 (DDP's own:
+    the fp32 master gradients, exact) or bfloat16 (``compressor.reconstruction.fit.bf16_average``, a DDP
+    communication hook: half the bytes on the link, the average rounded to bf16). Nothing changes on one device."""
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -56,6 +61,9 @@ class ReconstructionConfig:
         if str(self.precision) in ("16-true", "fp16-true"):
             raise ConfigError(f"reconstruction.precision={self.precision!r} trains in fp16, where AdamW's eps and "
                               "small squared gradients round to zero (NaN): use 32-true, bf16-mixed or 16-mixed")
+        if self.gradient_allreduce not in ALLREDUCE_DTYPES:
+            raise ConfigError(f"reconstruction.gradient_allreduce={self.gradient_allreduce!r}: choose "
+                              f"{' or '.join(ALLREDUCE_DTYPES)}")
         self.betas = tuple(self.betas)
 
     @property
