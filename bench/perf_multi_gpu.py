@@ -21,6 +21,7 @@ devices only, against ``br+gp``'s 1-device run.
 
 Recorded per measurement and device count: ``devices``, ``seconds``, ``speedup_vs_1`` (of ``seconds``),
 ``allreduce_gb_per_s`` (several devices: a 256 MiB float32 all-reduce's size over its time, measured first),
+``phases_per_block`` (rank 0's seconds per phase of a steady block: ``BlockReport.phases``),
 ``seconds_per_block`` (blocks after the first) and its ``speedup_per_block``, and for LR
 ``mask_agreement_vs_1``: the fraction of mask entries equal to the 1-device run's (the Gram matrices are
 summed in another order, so a weight at an exact tie may flip; 1.0 expected in practice).
@@ -123,11 +124,14 @@ def worker(args) -> None:
     if not group.is_main:
         return
     steady = [r.seconds for r in reports][1:] or [reports[0].seconds]
+    later = reports[1:] or reports[:1]
+    phases = {k: round(sum(r.phases.get(k, 0.0) for r in later) / len(later), 3)
+              for k in dict.fromkeys(k for r in later for k in r.phases)}
     record = {"what": f"{args.what}-sparsegpt-0.5", "devices": group.world_size, "seconds": round(seconds, 3),
               "seconds_per_block": round(sum(steady) / len(steady), 3), "blocks_run": args.blocks,
               "tokens": f"{args.samples} x {args.seqlen}", "batch_size": args.batch_size,
               "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if gpu else None,
-              "allreduce_gb_per_s": bandwidth}
+              "allreduce_gb_per_s": bandwidth, "phases_per_block": phases}
     if args.what != "lr":
         record["epochs"] = args.epochs
         record["gradient_allreduce"] = recon.gradient_allreduce
@@ -257,7 +261,9 @@ def main() -> None:
                               "token ids")
                 print(f"{what}, {r['devices']} device(s): {r['seconds']:.2f}s ({r['seconds_per_block']:.3f}s per "
                       f"block), speedup {r['speedup_vs_1']:.2f}x ({r['speedup_per_block']:.2f}x per block)"
-                      + (f", masks agree {r['mask_agreement_vs_1']:.6f}" if "mask_agreement_vs_1" in r else ""))
+                      + (f", masks agree {r['mask_agreement_vs_1']:.6f}" if "mask_agreement_vs_1" in r else "")
+                      + "\n    per block: " + ", ".join(f"{k} {v:.3f}s" for k, v in r["phases_per_block"].items())
+                      + (f"; all-reduce {r['allreduce_gb_per_s']} GB/s" if r["allreduce_gb_per_s"] else ""))
             records += runs
         if args.protocol or args.protocol_only:
             rec = protocol(max(args.devices), Path(args.protocol_dir) if args.protocol_dir else folder,

@@ -9,6 +9,7 @@ measure each block's normalized reconstruction error against the original model.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -61,6 +62,10 @@ class BlockReport:
     training: list[dict] = field(default_factory=list)
     quant_error: dict[str, float] = field(default_factory=dict)
     shared_inputs: dict[str, list[str]] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds of the block's work by phase (:meth:`SequentialPruner.timed`): statistics (forward passes
+    gathering inputs' statistics), reduce, prune, share (several ranks: sums into owners, owners' work, broadcasts),
+    train, forward (moving the streams on), check (ranks' identity check), checkpoint."""
 
 
 class SequentialPruner:
@@ -145,8 +150,10 @@ class SequentialPruner:
         masks = [self._block_masks(first + k, b) for k, b in enumerate(blocks)]
         masked = window_masks(blocks, masks, weight_of)
         name = "block_" + "-".join(f"{first + k:03d}" for k in range(len(blocks)))
-        stats = fit_window(blocks, masked, inputs.kwargs, inputs.batches, targets, self.recon, name, self.log_dir,
-                           self.accelerator, progress and self.group.is_main, self.runtime.deterministic, self.group)
+        with self.timed(report, "train"):
+            stats = fit_window(blocks, masked, inputs.kwargs, inputs.batches, targets, self.recon, name, self.log_dir,
+                               self.accelerator, progress and self.group.is_main, self.runtime.deterministic,
+                               self.group)
         report.training.append({"window": [first + k for k in range(len(blocks))], **stats})
 
     @torch.no_grad()
@@ -196,9 +203,10 @@ class SequentialPruner:
             self.homes.fetch(i, block, self.device)
             report = BlockReport(index=i, seconds=0.0)
             if need_dense:
-                dense_rec.batches = run_block(block, dense_rec, self.device)
-                if dense_held:
-                    dense_held.batches = run_block(block, dense_held, self.device)
+                with self.timed(report, "forward"):
+                    dense_rec.batches = run_block(block, dense_rec, self.device)
+                    if dense_held:
+                        dense_held.batches = run_block(block, dense_held, self.device)
             restored = None
             if finished and recon.cross_block and i == len(finished) and "pending_report" in finished[-1]:
                 restored = self._restore_pending(i, block, checkpoints, finished[-1])
@@ -229,17 +237,21 @@ class SequentialPruner:
                     self._fit(i, [block], rec, br_target if br_target is not None else dense_rec.batches, report,
                               progress)
                 self._quantize_block(i, block, report)
-                for s in streams:
-                    advance(block, s, self.device)
+                with self.timed(report, "forward"):
+                    for s in streams:
+                        advance(block, s, self.device)
                 check_finite(i, rec.batches)
                 self._measure(report, rec, dense_rec, held, dense_held)
-                g.check_identical({**{f"weight {k}": v for k, v in block.state_dict().items()},
-                                   **{f"mask {k}": v for k, v in self._block_masks(i, block).items()}}, f"block {i}")
+                with self.timed(report, "check"):
+                    g.check_identical({**{f"weight {k}": v for k, v in block.state_dict().items()},
+                                       **{f"mask {k}": v for k, v in self._block_masks(i, block).items()}},
+                                      f"block {i}")
             if checkpoints is not None and not recon.cross_block:
-                if g.is_main:
-                    checkpoints.save(i, block, self._block_masks(i, block), asdict(report),
-                                     self._block_masks(i, block, self.quantized))
-                g.barrier()  # the block is marked done (manifest written) before any rank moves on
+                with self.timed(report, "checkpoint"):
+                    if g.is_main:
+                        checkpoints.save(i, block, self._block_masks(i, block), asdict(report),
+                                         self._block_masks(i, block, self.quantized))
+                    g.barrier()  # the block is marked done (manifest written) before any rank moves on
             self._release(i, block)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -251,6 +263,21 @@ class SequentialPruner:
                 on_block(report)
         bar.close()
         return reports
+
+    @contextlib.contextmanager
+    def timed(self, report: BlockReport, phase: str):
+        """Add the body's seconds to ``report.phases[phase]`` (the GPU synchronized at both ends, so queued work is
+        counted where it was queued)."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            report.phases[phase] = report.phases.get(phase, 0.0) + time.perf_counter() - t
 
     def _release(self, i: int, block: nn.Module) -> None:
         """Block ``i`` is final: back to its home (and, without ``keep_masks``, its masks out of memory)."""
@@ -347,7 +374,7 @@ class SequentialPruner:
             self._prune_layers(i, targets, None, report)
             return
         if not self.pruning.sequential_within_block:
-            with BlockStatistics(targets, gram=(kind == "gram")) as stats:
+            with self.timed(report, "statistics"), BlockStatistics(targets, gram=(kind == "gram")) as stats:
                 run_block(block, sparse, self.device, on_batch=stats.end_batch, keep=False)
             report.shared_inputs = stats.groups()
             self._prune_layers(i, targets, stats, report)
@@ -359,7 +386,7 @@ class SequentialPruner:
         report.shared_inputs = probe.groups()
         for group in report.shared_inputs.values():
             members = {n: targets[n] for n in group}
-            with BlockStatistics(members, gram=(kind == "gram")) as stats:
+            with self.timed(report, "statistics"), BlockStatistics(members, gram=(kind == "gram")) as stats:
                 run_block(block, sparse, self.device, on_batch=stats.end_batch, keep=False)
             self._prune_layers(i, members, stats, report)
 
@@ -377,16 +404,19 @@ class SequentialPruner:
         if g.distributed:
             costs = {o: sum(sparsegpt_cost(*weight_of(layers[n]).shape) for n in names) for o, names in groups.items()}
             ranks = assign_owners(costs, g.world_size)
-            for owner in groups:
-                if stats is not None:
-                    g.reduce_statistics(stats.of(owner), ranks[owner])
-        for owner, names in groups.items():
-            for n in names:
-                self._layer_rank[f"{self.adapter.block_path}.{i}.{n}"] = ranks[owner]
-            if ranks[owner] == g.rank:
-                self._prune_group(i, {n: layers[n] for n in names}, stats, owner, report)
-        for owner, names in groups.items():
-            self._share_layers(i, {n: layers[n] for n in names}, ranks[owner], report)
+            with self.timed(report, "reduce"):
+                for owner in groups:
+                    if stats is not None:
+                        g.reduce_statistics(stats.of(owner), ranks[owner])
+        with self.timed(report, "prune"):
+            for owner, names in groups.items():
+                for n in names:
+                    self._layer_rank[f"{self.adapter.block_path}.{i}.{n}"] = ranks[owner]
+                if ranks[owner] == g.rank:
+                    self._prune_group(i, {n: layers[n] for n in names}, stats, owner, report)
+        with self.timed(report, "share"):
+            for owner, names in groups.items():
+                self._share_layers(i, {n: layers[n] for n in names}, ranks[owner], report)
 
     def _prune_group(self, i: int, layers: dict[str, nn.Module], stats: BlockStatistics | None, owner: str,
                      report: BlockReport) -> None:
