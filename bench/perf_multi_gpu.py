@@ -190,18 +190,23 @@ def protocol(n: int, folder: Path, config: str, concurrent: bool = False) -> dic
         if not concurrent:
             wait(runs[devices][2])
     ppl = {}
-    for devices, (out, started, proc) in runs.items():
-        wait(proc)
+    for devices, (out, _, proc) in runs.items():
+        wait(proc, [p for _, _, p in runs.values()])
         report = json.loads((out / "report.json").read_text())
         ppl[devices] = {"perplexity": report["perplexity"]["compressed"],
-                        "seconds": round(time.perf_counter() - started, 1)}
+                        "seconds": round(report["timings"]["total"], 1),  # the run's own, read from its report
+                        "resumed_blocks": report.get("resumed_blocks"), "date": report.get("date")}
     a, b = (next(iter(ppl[d]["perplexity"].values())) for d in (1, n))
     return {"what": "protocol", "config": config, "devices": [1, n], "runs": ppl, "concurrent": concurrent,
             "relative_difference": abs(b - a) / a}
 
 
-def wait(proc: subprocess.Popen) -> None:
+def wait(proc: subprocess.Popen, others: list[subprocess.Popen] = ()) -> None:
+    """Wait for ``proc``; when it fails, stop ``others`` still running and exit naming the command."""
     if proc.wait() != 0:
+        for other in others:
+            if other.poll() is None:
+                other.terminate()
         raise SystemExit(f"{' '.join(map(str, proc.args))} failed with exit status {proc.returncode}")
 
 
@@ -240,6 +245,8 @@ def main() -> None:
         return
     from compressor.io import write_bench_results
 
+    if "br+gp-bf16" in args.what and "br+gp" not in args.what[:args.what.index("br+gp-bf16")]:
+        p.error("--what br+gp-bf16 is timed against br+gp's 1-device run: list br+gp before it")
     if args.devices[0] != 1:
         args.devices = [1, *args.devices]
     with tempfile.TemporaryDirectory() as tmp:
@@ -250,8 +257,6 @@ def main() -> None:
             several = what == "br+gp-bf16"  # bf16 gradient averaging changes nothing on one device
             runs = [launch(n, what, args, folder) for n in args.devices if not (several and n == 1)]
             base = ones.get("br+gp") if several else runs[0]
-            if base is None:
-                raise SystemExit("--what br+gp-bf16 is timed against br+gp's 1-device run: list br+gp before it")
             ones[what] = base
             for r in runs:
                 r["speedup_vs_1"] = round(base["seconds"] / r["seconds"], 3)

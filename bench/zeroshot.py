@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="CPU check: tiny calibration, 1 epoch, 2 docs per task")
     args = ap.parse_args()
     if args.merge:
-        merged = merge([json.loads(Path(f).read_text()) for f in args.merge], "python " + " ".join(sys.argv))
+        merged = merge([read_part(f) for f in args.merge], "python " + " ".join(sys.argv), args.merge)
         atomic_write_json(Path(args.out), merged)
         print_table(merged["records"], merged["settings"], args.tasks, Path(args.out))
         return
@@ -168,20 +168,41 @@ def print_table(records: list[dict], summaries: list[dict], tasks: list[str], ou
     print(f"* {DERIVED_NOTE}\nwritten {out}")
 
 
-def merge(parts: list[dict], command: str) -> dict:
+PART_KEYS = ("records", "settings", "limit", "harness", "num_fewshot", "model", "command", "machine", "date", "note")
+
+
+def read_part(path: str) -> dict:
+    """One results file of this script, or SystemExit naming the file and what is wrong with it."""
+    try:
+        part = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--merge {path}: cannot read it as a results file ({exc})") from None
+    missing = [k for k in PART_KEYS if not isinstance(part, dict) or k not in part]
+    if missing:
+        raise SystemExit(f"--merge {path}: not a bench/zeroshot.py results file (no {', '.join(missing)})")
+    return part
+
+
+def merge(parts: list[dict], command: str, names: list[str] | None = None) -> dict:
     """One results dict from ``parts`` (this script's files) that measured disjoint tasks of the same settings.
 
     A setting's summary keeps the first part's fields, its ``mean_acc`` and ``tasks`` are recomputed over every
     task's record, and ``parts`` lists each part's tasks and seconds. Raises SystemExit when two parts disagree on
-    the limit or harness, or on a setting's perplexity by more than 0.1% (then they did not compress alike)."""
-    for key in ("limit", "harness"):
+    the limit, harness, shots or model, measure one (setting, task) twice, or disagree on a setting's perplexity by
+    more than 0.1% (then they did not compress alike)."""
+    names = names or [f"part {i + 1}" for i in range(len(parts))]
+    for key in ("limit", "harness", "num_fewshot", "model"):
         if len({json.dumps(p[key]) for p in parts}) > 1:
             raise SystemExit(f"the files differ in {key}: {[p[key] for p in parts]}; merge only parts of one protocol")
-    records, summaries = {}, {}
-    for part in parts:
+    records, summaries, source = {}, {}, {}
+    for name, part in zip(names, parts):
         tasks = {}
         for r in part["records"]:
-            records[(r["setting"], r["task"])] = r
+            key = (r["setting"], r["task"])
+            if key in records:
+                raise SystemExit(f"{r['setting']} {r['task']} is measured in both {source[key]} and {name}: merge "
+                                 "parts that split the tasks, each task once")
+            records[key], source[key] = r, name
             tasks.setdefault(r["setting"], []).append(r["task"])
         for s in part["settings"]:
             first = summaries.setdefault(s["setting"], {**s, "parts": []})

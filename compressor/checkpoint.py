@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import platform
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields, is_dataclass
 from pathlib import Path
 
 import torch
@@ -59,6 +59,45 @@ def tensor_fingerprint(*tensors: torch.Tensor | None) -> str:
     return h.hexdigest()[:16]
 
 
+def config_changes(old: dict, new: dict, settings) -> list[str]:
+    """``"key: old -> new"`` for every setting that differs between two ``relevant_settings`` dicts, compared as JSON
+    (a tuple equals the list a manifest holds). A setting the old manifest lacks (added to the project since) counts
+    as unchanged while ``settings`` leave it at its default, so checkpoints of an earlier version still resume."""
+    a, b = _flatten(_as_json(old)), _flatten(_as_json(new))
+    changes = []
+    for k in sorted(set(a) | set(b)):
+        if k not in a and b[k] == _field_default(settings, k):
+            continue
+        if a.get(k, _MISSING) != b.get(k, _MISSING):
+            changes.append(f"{k}: {a.get(k)!r} -> {b.get(k)!r}")
+    return changes
+
+
+_MISSING = object()
+
+
+def _as_json(d):
+    return json.loads(json.dumps(d, default=str))
+
+
+def _field_default(settings, dotted: str):
+    """The JSON form of the default of the dataclass field at ``dotted`` (``reconstruction.seed``) below ``settings``,
+    or a sentinel equal to nothing when there is no such field or it has no default."""
+    *path, name = dotted.split(".")
+    obj = settings
+    for part in path:
+        obj = getattr(obj, part, None)
+    if obj is None or not is_dataclass(obj):
+        return _MISSING
+    for f in fields(obj):
+        if f.name == name:
+            if f.default is not MISSING:
+                return _as_json(f.default)
+            if f.default_factory is not MISSING:
+                return _as_json(f.default_factory())
+    return _MISSING
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -86,6 +125,7 @@ class BlockCheckpoints:
         self.model_source = getattr(getattr(settings, "model", None), "name_or_path", None)
         self.schedule = schedule
         self.saved_schedule: dict[str, float] | None = None  # what an earlier run's manifest recorded
+        self.settings = settings
         self.config = relevant_settings(settings)
         self.config_hash = digest(self.config)
         self.data_fingerprint = data_fingerprint
@@ -125,8 +165,7 @@ class BlockCheckpoints:
                 "output.start_over=true to discard them and compress this one from scratch")
         changes = []
         if old.get("config_hash") != self.config_hash:
-            a, b = _flatten(old.get("config", {})), _flatten(self.config)
-            changes = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            changes = config_changes(old.get("config", {}), self.config, self.settings)
         if old.get("data_fingerprint") != self.data_fingerprint:
             changes.append(f"calibration data fingerprint: {old.get('data_fingerprint')} -> {self.data_fingerprint}")
         if changes:

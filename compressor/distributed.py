@@ -168,21 +168,31 @@ class ProcessGroup:
 
 
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# splitmix64's odd multipliers, as signed 64-bit integers (torch has no uint64 arithmetic)
+_MIX = (0x9E3779B97F4A7C15 - (1 << 64), 0xBF58476D1CE4E5B9 - (1 << 64), 0x94D049BB133111EB - (1 << 64))
 
 
-def bit_checksum(t: torch.Tensor, chunk: int = 1 << 24) -> torch.Tensor:
-    """A 0-d int64 on ``t``'s device: the sum over elements of (element's bits as an integer) x (1 + its flat
-    index mod 65521), wrapping modulo 2**64 (integer sums give the same value in any order, on any device).
-    Equal tensors give equal checksums; a changed or moved element changes it (short of a collision)."""
-    flat = t.detach().contiguous().reshape(-1)
+def bit_checksum(t: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
+    """A 0-d int64 on ``t``'s device: the sum over elements of (element's bits as an integer) x (a 64-bit hash of its
+    flat index), wrapping modulo 2**64, so integer sums give the same value in any order and on any device.
+
+    Equal tensors give equal checksums; changing or moving any element changes it except by a hash collision (a mask
+    keeping positions {0, 3} and one keeping {1, 2} differ, as do 2:4 patterns). Complex tensors are read as pairs
+    of reals."""
+    flat = t.detach()
+    if flat.is_complex():
+        flat = torch.view_as_real(flat)
+    flat = flat.contiguous().reshape(-1)
     if flat.dtype == torch.bool:
         flat = flat.view(torch.uint8)
     bits = flat.view(_INT_OF_WIDTH[flat.element_size()])
     total = torch.zeros((), dtype=torch.int64, device=t.device)
     for start in range(0, bits.numel(), chunk):
         part = bits[start:start + chunk].to(torch.int64)
-        weight = torch.arange(start, start + part.numel(), dtype=torch.int64, device=t.device) % 65521 + 1
-        total += (part * weight).sum()
+        h = torch.arange(start, start + part.numel(), dtype=torch.int64, device=t.device) * _MIX[0]
+        h = (h ^ (h >> 30)) * _MIX[1]
+        h = (h ^ (h >> 27)) * _MIX[2]
+        total += (part * (h ^ (h >> 31))).sum()
     return total
 
 

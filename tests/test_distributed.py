@@ -38,6 +38,27 @@ def test_one_process_view_is_a_no_op():
     g.check_identical({"a": x}, "nothing")
 
 
+def test_bit_checksums_tell_apart_masks_and_weights_that_sums_cannot():
+    from compressor.distributed import bit_checksum
+
+    def differ(a, b):
+        return int(bit_checksum(a)) != int(bit_checksum(b))
+
+    mask = torch.tensor([True, False, False, True])
+    assert differ(mask, torch.tensor([False, True, True, False]))  # same count, same sum of positions
+    two_four = torch.tensor([True, True, False, False] * 1024).reshape(64, 64)
+    assert differ(two_four, two_four.roll(2, dims=1))  # every element differs, same count per row
+    assert not differ(two_four, two_four.clone()) and not differ(two_four.t(), two_four.t().contiguous())
+    w = torch.randn(70000, dtype=torch.bfloat16)
+    moved = w.clone()
+    moved[[0, 65521]] = moved[[65521, 0]]
+    assert differ(w, moved) and int(bit_checksum(w)) == int(bit_checksum(w, chunk=1000))
+    for dtype in (torch.float16, torch.float32, torch.int8, torch.uint8, torch.int32, torch.complex64):
+        x = torch.arange(12).to(dtype)
+        assert differ(x, x.flip(0)) and not differ(x, x.clone())
+    assert int(bit_checksum(torch.empty(0))) == 0
+
+
 def test_owners_balance_a_llama_block_and_agree_on_every_rank():
     # LLaMA-7B's four distinct inputs: q/k/v, o, gate/up, down
     costs = {"qkv": sparsegpt_cost(3 * 4096, 4096), "o": sparsegpt_cost(4096, 4096),

@@ -59,6 +59,30 @@ def test_resume_with_changed_config_is_refused_naming_the_change(tmp_path, text_
         run(tmp_path / "a", text_file, smollm2_tokenizer, sparsity=0.6)
 
 
+def test_checkpoints_of_an_earlier_version_resume_when_a_new_setting_is_left_at_its_default(tmp_path, text_file,
+                                                                                            smollm2_tokenizer):
+    """A manifest written before a setting existed (here: without reconstruction.gradient_allreduce) still resumes
+    while that setting keeps its default; set otherwise, the change is named."""
+    run(tmp_path / "a", text_file, smollm2_tokenizer)
+    path = tmp_path / "a" / "checkpoints" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["config"]["reconstruction"]["gradient_allreduce"]
+    manifest["config_hash"] = "written-by-an-earlier-version"
+    path.write_text(json.dumps(manifest))
+    assert run(tmp_path / "a", text_file, smollm2_tokenizer)["resumed_blocks"] == 3
+    path.write_text(json.dumps(manifest))
+    from dataclasses import replace
+
+    from compressor.reconstruction.module import ReconstructionConfig
+
+    model = tiny_llama(layers=3, vocab=len(smollm2_tokenizer))
+    model.config.model_type = "llama"
+    changed = replace(settings(tmp_path / "a", text_file),
+                      reconstruction=ReconstructionConfig(gradient_allreduce="bfloat16"))
+    with pytest.raises(ConfigError, match=r"reconstruction.gradient_allreduce: None -> 'bfloat16'"):
+        compress(changed, "cpu", progress=False, model_and_tokenizer=(model, smollm2_tokenizer))
+
+
 def test_damaged_checkpoint_is_not_trusted(tmp_path, text_file, smollm2_tokenizer):
     run(tmp_path / "a", text_file, smollm2_tokenizer)
     (tmp_path / "a" / "checkpoints" / "block_001.safetensors").write_bytes(b"torn")

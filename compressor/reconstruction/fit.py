@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def bf16_average(process_group, bucket):
-    """A DDP communication hook (``DistributedDataParallel.register_comm_hook``): average a gradient bucket over
-    the ranks in bfloat16, half the bytes of float32, and write the rounded average back into the bucket.
+    """A DDP communication hook (``DistributedDataParallel.register_comm_hook``): sum a gradient bucket over the ranks
+    in bfloat16, half the bytes of float32, and write the sum divided by the rank count back into the bucket.
 
     PyTorch's own ``bf16_compress_hook`` does the same but refuses any backend other than NCCL (or XCCL), so the
     gloo test processes could not run it; this one runs wherever the backend all-reduces bfloat16."""
@@ -33,11 +33,11 @@ def bf16_average(process_group, bucket):
 
     group = process_group if process_group is not None else dist.group.WORLD
     grads = bucket.buffer()
-    half = grads.to(torch.bfloat16).div_(dist.get_world_size(group))
-    work = dist.all_reduce(half, group=group, async_op=True).get_future()
+    ranks = dist.get_world_size(group)
+    work = dist.all_reduce(grads.to(torch.bfloat16), group=group, async_op=True).get_future()
 
-    def unpack(fut):
-        grads.copy_(fut.value()[0])
+    def unpack(fut):  # the sum arrives in bfloat16 (the backend may round at every hop); divide in full precision
+        grads.copy_(fut.value()[0]).div_(ranks)
         return grads
 
     return work.then(unpack)

@@ -48,9 +48,10 @@ class ReconstructionConfig:
     seed: int = 0
     """Seed of the batch shuffling."""
     gradient_allreduce: str = "float32"
-    """Several ranks (DDP): the dtype in which each step's gradients are averaged across ranks. float32 (DDP's own:
-    the fp32 master gradients, exact) or bfloat16 (``compressor.reconstruction.fit.bf16_average``, a DDP
-    communication hook: half the bytes on the link, the average rounded to bf16). Nothing changes on one device."""
+    """Several ranks (DDP): the dtype in which each step's gradients are summed across ranks. float32 (DDP's own:
+    the fp32 master gradients) or bfloat16 (``compressor.reconstruction.fit.bf16_average``, a DDP communication
+    hook: half the bytes on the link; the sum travels in bf16, rounded at each hop). Ignored on one device and
+    without reconstruction."""
 
     def __post_init__(self):
         if self.mode not in MODES:
