@@ -65,7 +65,8 @@ class BlockReport:
     phases: dict[str, float] = field(default_factory=dict)
     """Seconds of the block's work by phase (:meth:`SequentialPruner.timed`): statistics (forward passes
     gathering inputs' statistics), reduce, prune, share (several ranks: sums into owners, owners' work, broadcasts),
-    train, forward (moving the streams on), check (ranks' identity check), checkpoint."""
+    train, quantize, forward (moving the streams on), measure (errors against the dense stream), check (ranks'
+    identity check), checkpoint; what is left of ``seconds`` is bookkeeping."""
 
 
 class SequentialPruner:
@@ -126,6 +127,10 @@ class SequentialPruner:
         """Quantize the kept weights of block ``i`` once they are final (after pruning and reconstruction)."""
         if not self.quant.enabled:
             return
+        with self.timed(report, "quantize"):
+            self._quantize_layers(i, block, report)
+
+    def _quantize_layers(self, i: int, block: nn.Module, report: BlockReport) -> None:
         hessians = self._hessians.pop(i, {})
         q = self.quant
         for name, module in self.adapter.linears(block).items():
@@ -222,7 +227,10 @@ class SequentialPruner:
                 self._release(i, block)
                 reports.append(BlockReport(**finished[i]["report"]))
                 continue
-            br_target = run_block(block, rec, self.device) if recon.enabled and not recon.global_target else None
+            br_target = None
+            if recon.enabled and not recon.global_target:
+                with self.timed(report, "forward"):
+                    br_target = run_block(block, rec, self.device)
             if restored is None:
                 self._prune_block(i, block, prune_stream, kind, report)
             if need_dense and restored is None:
@@ -242,10 +250,7 @@ class SequentialPruner:
                         advance(block, s, self.device)
                 check_finite(i, rec.batches)
                 self._measure(report, rec, dense_rec, held, dense_held)
-                with self.timed(report, "check"):
-                    g.check_identical({**{f"weight {k}": v for k, v in block.state_dict().items()},
-                                       **{f"mask {k}": v for k, v in self._block_masks(i, block).items()}},
-                                      f"block {i}")
+                self._check_ranks(i, block, report)
             if checkpoints is not None and not recon.cross_block:
                 with self.timed(report, "checkpoint"):
                     if g.is_main:
@@ -263,6 +268,13 @@ class SequentialPruner:
                 on_block(report)
         bar.close()
         return reports
+
+    def _check_ranks(self, i: int, block: nn.Module, report: BlockReport) -> None:
+        """Several ranks: stop the run unless every rank holds block ``i``'s weights and masks bit for bit."""
+        with self.timed(report, "check"):
+            self.group.check_identical({**{f"weight {k}": v for k, v in block.state_dict().items()},
+                                        **{f"mask {k}": v for k, v in self._block_masks(i, block).items()}},
+                                       f"block {i}")
 
     @contextlib.contextmanager
     def timed(self, report: BlockReport, phase: str):
@@ -290,6 +302,10 @@ class SequentialPruner:
     def _measure(self, report: BlockReport, rec, dense_rec, held, dense_held) -> None:
         if dense_rec is None:
             return
+        with self.timed(report, "measure"):
+            self._measure_errors(report, rec, dense_rec, held, dense_held)
+
+    def _measure_errors(self, report: BlockReport, rec, dense_rec, held, dense_held) -> None:
         reduce = self.group.all_reduce_sum
         report.calib_error, report.calib_rel_error = stream_error(dense_rec.batches, rec.batches, self.device, reduce)
         if dense_held:
@@ -330,6 +346,7 @@ class SequentialPruner:
             for s in streams:
                 s.batches = run_block(prev_block, Stream(inputs[id(s)], s.kwargs), self.device)
             self._measure(prev["report"], rec, prev["dense_rec"], held, prev["dense_held"])
+            self._check_ranks(i - 1, prev_block, prev["report"])
             if on_block is not None:
                 on_block(prev["report"])
             if checkpoints is not None:
@@ -352,6 +369,7 @@ class SequentialPruner:
             s.batches = run_block(block, s, self.device)
         if last:
             self._measure(report, rec, dense_rec, held, dense_held)
+            self._check_ranks(i, block, report)
             check_finite(i, rec.batches)
             if on_block is not None:
                 on_block(report)
