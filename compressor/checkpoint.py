@@ -68,12 +68,9 @@ def config_changes(old: dict, new: dict, settings) -> list[str]:
     for k in sorted(set(a) | set(b)):
         if k not in a and b[k] == _field_default(settings, k):
             continue
-        if a.get(k, _MISSING) != b.get(k, _MISSING):
+        if a.get(k, MISSING) != b.get(k, MISSING):
             changes.append(f"{k}: {a.get(k)!r} -> {b.get(k)!r}")
     return changes
-
-
-_MISSING = object()
 
 
 def _as_json(d):
@@ -82,20 +79,20 @@ def _as_json(d):
 
 def _field_default(settings, dotted: str):
     """The JSON form of the default of the dataclass field at ``dotted`` (``reconstruction.seed``) below ``settings``,
-    or a sentinel equal to nothing when there is no such field or it has no default."""
+    or ``dataclasses.MISSING`` when there is no such field or it has no default."""
     *path, name = dotted.split(".")
     obj = settings
     for part in path:
         obj = getattr(obj, part, None)
     if obj is None or not is_dataclass(obj):
-        return _MISSING
+        return MISSING
     for f in fields(obj):
         if f.name == name:
             if f.default is not MISSING:
                 return _as_json(f.default)
             if f.default_factory is not MISSING:
                 return _as_json(f.default_factory())
-    return _MISSING
+    return MISSING
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -22,7 +22,7 @@ import torch
 
 from compressor import distributed, zeroshot
 from compressor.accelerators import accelerator_for, reset_peak_gpu_memory
-from compressor.checkpoint import BlockCheckpoints, tensor_fingerprint
+from compressor.checkpoint import BlockCheckpoints, config_changes, tensor_fingerprint
 from compressor.config import (
     GENERATED,
     CalibrationConfig,
@@ -173,23 +173,15 @@ def finished_run(settings: RunSettings, out: Path) -> dict | None:
         old = json.loads(path.read_text()).get("settings") or {}
     except (OSError, ValueError):
         return None  # not one of our reports: nothing to compare with (overwrite still decides)
-    new = json.loads(json.dumps(asdict(settings), default=str))
+    new = asdict(settings)
     old.pop("output", None)
     new.pop("output", None)
-    a, b = flatten(old), flatten(new)
-    changes = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    changes = config_changes(old, new, settings)  # a setting added since that report, left at its default, is no change
     if changes and not (settings.output.overwrite or settings.output.start_over):
         raise ConfigError(f"output.dir={str(out)!r} holds a finished run of other settings ({'; '.join(changes[:5])}"
                           f"{'; ...' if len(changes) > 5 else ''}): set output.overwrite=true to replace it, or "
                           "choose another output.dir")
     return None if changes else json.loads(path.read_text())
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def redo_scope(out: Path) -> str:

@@ -83,6 +83,24 @@ def test_checkpoints_of_an_earlier_version_resume_when_a_new_setting_is_left_at_
         compress(changed, "cpu", progress=False, model_and_tokenizer=(model, smollm2_tokenizer))
 
 
+def test_a_finished_run_of_an_earlier_version_is_still_recognised(tmp_path, text_file):
+    """report.json written before a setting existed: the same run (that setting at its default), not another one."""
+    from dataclasses import asdict, replace
+
+    from compressor.pipeline import finished_run
+    from compressor.reconstruction.module import ReconstructionConfig
+
+    run_settings = settings(tmp_path, text_file)
+    old = json.loads(json.dumps(asdict(run_settings), default=str))
+    del old["reconstruction"]["gradient_allreduce"]
+    (tmp_path / "report.json").write_text(json.dumps({"settings": old, "date": "earlier"}))
+    assert finished_run(run_settings, tmp_path)["date"] == "earlier"
+    other = replace(run_settings, reconstruction=ReconstructionConfig(gradient_allreduce="bfloat16"),
+                    output=OutputConfig(dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match=r"reconstruction.gradient_allreduce: None -> 'bfloat16'"):
+        finished_run(other, tmp_path)
+
+
 def test_damaged_checkpoint_is_not_trusted(tmp_path, text_file, smollm2_tokenizer):
     run(tmp_path / "a", text_file, smollm2_tokenizer)
     (tmp_path / "a" / "checkpoints" / "block_001.safetensors").write_bytes(b"torn")
