@@ -186,12 +186,12 @@ def protocol(n: int, folder: Path, config: str, concurrent: bool = False) -> dic
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
                    *base, *extra, "--trainer.devices", str(devices), "--trainer.strategy", "ddp"]
         print("$", " ".join(cmd), flush=True)
-        runs[devices] = (out, time.perf_counter(), subprocess.Popen(cmd, cwd=ROOT))
+        runs[devices] = (out, subprocess.Popen(cmd, cwd=ROOT))
         if not concurrent:
-            wait(runs[devices][2])
+            wait(runs[devices][1])
     ppl = {}
-    for devices, (out, _, proc) in runs.items():
-        wait(proc, [p for _, _, p in runs.values()])
+    for devices, (out, proc) in runs.items():
+        wait(proc, [p for _, p in runs.values()])
         report = json.loads((out / "report.json").read_text())
         ppl[devices] = {"perplexity": report["perplexity"]["compressed"],
                         "seconds": round(report["timings"]["total"], 1),  # the run's own, read from its report
