@@ -83,6 +83,11 @@ class SequentialPruner:
         """The ranks walking the blocks together (``compressor.distributed``): each takes its share of the windows,
         statistics are reduced, each layer is pruned and quantized on its owner rank and broadcast."""
         self._layer_rank: dict[str, int] = {}  # full layer name -> the rank that pruned it (and holds its Hessian)
+        self._group_seconds: dict[str, float] = {}
+        """Seconds each group of layers sharing an input (by its first layer's name in the block) took on its owner
+        in the last block: the owners of the next block are balanced by these (every rank learns them with the
+        group's results), as the decoder's blocks have one shape; the first block goes by
+        :func:`compressor.distributed.sparsegpt_cost`."""
         self.adapter = ModelAdapter(model)
         self.pruning = pruning
         self.runtime = runtime
@@ -292,8 +297,11 @@ class SequentialPruner:
             report.phases[phase] = report.phases.get(phase, 0.0) + time.perf_counter() - t
 
     def _release(self, i: int, block: nn.Module) -> None:
-        """Block ``i`` is final: back to its home (and, without ``keep_masks``, its masks out of memory)."""
+        """Block ``i`` is final: back to its home, its masks into host memory (they stay on the device while the block
+        is worked on: shared, checked and checkpointed from there), and without ``keep_masks`` out of memory."""
         self.homes.release(i, block)
+        for name, mask in self._block_masks(i, block).items():
+            self.masks[f"{self.adapter.block_path}.{i}.{name}"] = mask.cpu()
         if not self.keep_masks:
             for source in (self.masks, self.quantized):
                 for name in self._block_masks(i, block, source):
@@ -420,21 +428,33 @@ class SequentialPruner:
         g = self.group
         ranks = dict.fromkeys(groups, g.rank)
         if g.distributed:
-            costs = {o: sum(sparsegpt_cost(*weight_of(layers[n]).shape) for n in names) for o, names in groups.items()}
-            ranks = assign_owners(costs, g.world_size)
+            ranks = assign_owners(self._group_costs(groups, layers), g.world_size)
             with self.timed(report, "reduce"):
                 for owner in groups:
                     if stats is not None:
                         g.reduce_statistics(stats.of(owner), ranks[owner])
+        seconds = {}
         with self.timed(report, "prune"):
             for owner, names in groups.items():
                 for n in names:
                     self._layer_rank[f"{self.adapter.block_path}.{i}.{n}"] = ranks[owner]
                 if ranks[owner] == g.rank:
+                    t = time.perf_counter()
                     self._prune_group(i, {n: layers[n] for n in names}, stats, owner, report)
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    seconds[owner] = time.perf_counter() - t
         with self.timed(report, "share"):
             for owner, names in groups.items():
-                self._share_layers(i, {n: layers[n] for n in names}, ranks[owner], report)
+                self._group_seconds[owner] = self._share_layers(i, {n: layers[n] for n in names}, ranks[owner],
+                                                                report, seconds.get(owner))
+
+    def _group_costs(self, groups: dict[str, list[str]], layers: dict[str, nn.Module]) -> dict[str, float]:
+        """The work of pruning each group, to balance owners: its seconds in the last block when every group has one
+        (all ranks hold the same figures), else :func:`compressor.distributed.sparsegpt_cost` of its weights."""
+        if all(o in self._group_seconds for o in groups):
+            return {o: self._group_seconds[o] for o in groups}
+        return {o: sum(sparsegpt_cost(*weight_of(layers[n]).shape) for n in names) for o, names in groups.items()}
 
     def _prune_group(self, i: int, layers: dict[str, nn.Module], stats: BlockStatistics | None, owner: str,
                      report: BlockReport) -> None:
@@ -454,15 +474,17 @@ class SequentialPruner:
                 if self.quant.method == "gptq":
                     self._hessians.setdefault(i, {})[name] = hessian
             set_weight(layers[name], new_w)
-            self.masks[full] = mask.cpu()
+            self.masks[full] = mask  # on the device until the block is released (shared and checked there)
             report.sparsity[name] = achieved_sparsity(mask)
 
-    def _share_layers(self, i: int, layers: dict[str, nn.Module], src: int, report: BlockReport) -> None:
+    def _share_layers(self, i: int, layers: dict[str, nn.Module], src: int, report: BlockReport,
+                      seconds: float | None = None) -> float | None:
         """Several ranks: rank ``src``'s results for ``layers`` of block ``i`` (weights, masks, quantized parts and
-        their report entries) copied into every other rank."""
+        their report entries) copied into every other rank; returns ``seconds`` as rank ``src`` gave it (the time
+        its work took), on every rank."""
         g = self.group
         if not g.distributed:
-            return
+            return seconds
         prefix = f"{self.adapter.block_path}.{i}."
         payload = meta = None
         if g.rank == src:
@@ -477,19 +499,22 @@ class SequentialPruner:
                         payload[f"q.{n}.{part}"] = self.quantized[f"{full}.{part}"]
             meta = {f: {n: v for n, v in getattr(report, f).items() if n in layers}
                     for f in ("sparsity", "layer_error", "quant_error")}
+            meta["seconds"] = seconds
         tensors, meta = g.broadcast_tensors(payload, src, meta)
+        seconds = meta.pop("seconds")
         if g.rank == src:
-            return
+            return seconds
         for key, t in tensors.items():
             kind, rest = key.split(".", 1)
             if kind == "w":
                 set_weight(layers[rest], t)
             elif kind == "m":
-                self.masks[prefix + rest] = t.cpu()
+                self.masks[prefix + rest] = t  # on the device, as the owner's (see _release)
             else:
                 self.quantized[prefix + rest] = t.cpu()
         for f, values in meta.items():
             getattr(report, f).update(values)
+        return seconds
 
     @property
     def joint(self) -> bool:

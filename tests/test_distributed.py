@@ -57,6 +57,13 @@ def test_bit_checksums_tell_apart_masks_and_weights_that_sums_cannot():
         x = torch.arange(12).to(dtype)
         assert differ(x, x.flip(0)) and not differ(x, x.clone())
     assert int(bit_checksum(torch.empty(0))) == 0
+    # eight mask entries make one 64-bit word: the same count in other places within the word still differs,
+    # and a view at an odd byte offset (a mask split off a stacked one) checks like its aligned copy
+    word = torch.tensor([True, False, False, True] + [False] * 4)
+    assert differ(word, torch.tensor([False, True, True, False] + [False] * 4))
+    stacked = torch.rand(3 * 8 + 1) > 0.5
+    view = stacked[1:]
+    assert view.data_ptr() % 8 and not differ(view, view.clone())
 
 
 def test_owners_balance_a_llama_block_and_agree_on_every_rank():
@@ -121,7 +128,8 @@ def run_cases(windows: int = 7) -> dict:
                          "masks": dict(pruner.masks), "quantized": dict(pruner.quantized),
                          "errors": [(r.calib_rel_error, r.heldout_rel_error) for r in reports],
                          "layer_error": [r.layer_error for r in reports], "sparsity": [r.sparsity for r in reports],
-                         "allreduce": [t.get("gradient_allreduce") for r in reports for t in r.training]}
+                         "allreduce": [t.get("gradient_allreduce") for r in reports for t in r.training],
+                         "owners": dict(pruner._layer_rank), "group_seconds": dict(pruner._group_seconds)}
     for allocator, granularity in (("owl", "block"), ("hessian", "layer")):  # the dense pass of a schedule
         config = ScheduleConfig(allocator=allocator, granularity=granularity)
         schedule = build_schedule(tiny_llama(layers=2), calib[:windows], config, PruningConfig(sparsity=0.5), 2,
@@ -186,6 +194,11 @@ def test_two_ranks_hold_identical_weights_masks_and_codes(two_ranks, case):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), f"{part} {k} differs between ranks"
     assert a["errors"] == b["errors"] and a["layer_error"] == b["layer_error"] and a["sparsity"] == b["sparsity"]
+    # owners are balanced by the seconds each group took on its owner in the block before: every rank holds the
+    # owners' own figures, so every rank computes the same owners
+    assert a["owners"] == b["owners"] and a["group_seconds"] == b["group_seconds"]
+    if a["owners"]:  # rank-dependent pruning happened
+        assert set(a["owners"].values()) == {0, 1} and all(s > 0 for s in a["group_seconds"].values())
 
 
 @pytest.mark.multiprocess

@@ -124,6 +124,7 @@ class BlockReconstruction(LightningModule):
         self.block_kwargs = block_kwargs
         self.cfg = cfg
         self.total_steps = max(total_steps, 1)
+        self._step_losses: list[tuple[int, torch.Tensor]] = []  # (global step, loss on the device) of this epoch
         masked_ids = {id(p) for p, _ in masked}
         for name, p in self.blocks.named_parameters():
             linear_weight = id(p) in masked_ids or (p.dim() == 2)
@@ -144,8 +145,22 @@ class BlockReconstruction(LightningModule):
     def training_step(self, batch, batch_idx):
         inputs, targets = batch
         loss = F.mse_loss(self(inputs).float(), targets.float())
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        self._step_losses.append((self.global_step, loss.detach()))
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        """The epoch's step losses to the loggers (``train_loss_step``) and its mean as ``train_loss_epoch`` (progress
+        bar, ``trainer.callback_metrics``). Read from the GPU once per epoch: logging every step would wait for the
+        GPU at every step, and the CPU could no longer queue the next step's work while the GPU runs this one."""
+        if not self._step_losses:
+            return
+        steps = [s for s, _ in self._step_losses]
+        values = torch.stack([v for _, v in self._step_losses]).tolist()
+        self._step_losses.clear()
+        for logger in self.loggers:
+            for step, value in zip(steps, values):
+                logger.log_metrics({"train_loss_step": value, "epoch": self.current_epoch}, step=step)
+        self.log("train_loss_epoch", sum(values) / len(values), prog_bar=True, on_step=False, on_epoch=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [(p.grad, keep) for p, keep in self.masked if p.grad is not None]
