@@ -194,12 +194,14 @@ def fit_window(
     t = time.perf_counter()
     with float32_master(blocks), quiet_lightning(), torch.enable_grad(), ctrl_c_propagates(trainer):
         trainer.fit(module, loader)
-        module.blocks.to(device)  # Lightning's teardown moves the module to the CPU
+        for block in blocks:  # they stay on the device (BlockReconstruction.on_train_end); a no-op then
+            block.to(device)
     seconds = time.perf_counter() - t
     metrics = trainer.callback_metrics
     losses = [float(metrics[k]) for k in ("train_loss_epoch",) if k in metrics]
-    for p in module.blocks.parameters():
-        p.requires_grad_(False)
+    for block in blocks:
+        for p in block.parameters():
+            p.requires_grad_(False)
     return {"seconds": seconds, "steps": steps, "last_epoch_loss": losses[-1] if losses else None,
             "accelerator": type(trainer.accelerator).__name__,
             "gradient_allreduce": next((c.dtype for c in callbacks if c.registered), "float32") if ranks > 1 else None,

@@ -162,6 +162,15 @@ class BlockReconstruction(LightningModule):
                 logger.log_metrics({"train_loss_step": value, "epoch": self.current_epoch}, step=step)
         self.log("train_loss_epoch", sum(values) / len(values), prog_bar=True, on_step=False, on_epoch=True)
 
+    def on_train_end(self) -> None:
+        """Training is over: drop the optimizer's state and let go of the blocks (the caller holds them), so that
+        Lightning's teardown, which moves the module and the optimizer state to the CPU, has nothing to move: for a
+        LLaMA-7B block that was 2.4 GB (fp32 weights, Adam's two moments) to the host and 0.8 GB back, about 2 s a
+        window on one H200, whatever the number of GPUs."""
+        for optimizer in self.trainer.optimizers:
+            optimizer.state.clear()
+        self.blocks = nn.ModuleList()
+
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [(p.grad, keep) for p, keep in self.masked if p.grad is not None]
         if grads:
