@@ -40,7 +40,7 @@ from compressor.pruning.statistics import BlockStatistics
 from compressor.quant.int4 import QuantizationConfig, quantize_gptq, quantize_rtn, sparsegpt_gptq_shared
 from compressor.reconstruction.fit import fit_window
 from compressor.reconstruction.module import ReconstructionConfig, window_masks
-from compressor.streaming import HostCopies, HostHome
+from compressor.streaming import HostHome
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,6 @@ class SequentialPruner:
         self.masks: dict[str, torch.Tensor] = {}
         self.quantized: dict[str, torch.Tensor] = {}  # "<layer>.codes|scales|zeros" -> tensor (CPU)
         self._hessians: dict[int, dict[str, torch.Tensor]] = {}  # per block, kept until it is quantized
-        self._host_copies = HostCopies()  # a finished block's masks on their way to host memory
 
     def _stream_bytes(self, n_windows: int, seqlen: int) -> int:
         hidden = self.model.config.hidden_size if hasattr(self.model.config, "hidden_size") else self.model.config.n_embd
@@ -273,7 +272,6 @@ class SequentialPruner:
             if on_block is not None and not recon.cross_block:
                 on_block(report)
         bar.close()
-        self._host_copies.wait()  # every mask in host memory
         return reports
 
     def _check_ranks(self, i: int, block: nn.Module, report: BlockReport) -> None:
@@ -299,17 +297,15 @@ class SequentialPruner:
             report.phases[phase] = report.phases.get(phase, 0.0) + time.perf_counter() - t
 
     def _release(self, i: int, block: nn.Module) -> None:
-        """Block ``i`` is final: back to its home, its masks on their way into host memory (:class:`HostCopies`; they
-        stay on the device while the block is worked on: shared, checked and checkpointed from there), and without
-        ``keep_masks`` out of memory."""
+        """Block ``i`` is final: back to its home, its masks into host memory (they stay on the device while the block
+        is worked on: shared, checked and checkpointed from there), and without ``keep_masks`` out of memory."""
         self.homes.release(i, block)
+        for name, mask in self._block_masks(i, block).items():
+            self.masks[f"{self.adapter.block_path}.{i}.{name}"] = mask.cpu()
         if not self.keep_masks:
             for source in (self.masks, self.quantized):
                 for name in self._block_masks(i, block, source):
                     del source[f"{self.adapter.block_path}.{i}.{name}"]
-            return
-        for name, mask in self._block_masks(i, block).items():
-            self._host_copies.put(self.masks, f"{self.adapter.block_path}.{i}.{name}", mask)
 
     def _measure(self, report: BlockReport, rec, dense_rec, held, dense_held) -> None:
         if dense_rec is None:

@@ -23,45 +23,6 @@ from torch import nn
 from compressor.io import atomic_write
 
 
-class HostCopies:
-    """Device tensors copied into host memory on a side thread (and, on a GPU, a side CUDA stream), so that the copy
-    and the host pages it fills overlap the next block's work instead of stalling the walk: on the H200 machines a
-    LLaMA-7B block's 0.2 GB of masks took about 0.13 s to reach the host, against 0.68 s for the whole block on two
-    GPUs (bench/results/perf_multi_gpu.json).
-
-    ``put(target, key, tensor)`` sets ``target[key]`` to the host copy once it is made (``tensor``, still valid, stays
-    there until then: readers see one or the other, with equal values); :meth:`wait` returns once every copy is
-    made and raises the first error of one. Without a GPU the copy is made at once."""
-
-    def __init__(self):
-        self._pool = None
-        self._pending: list = []
-
-    def put(self, target: dict, key: str, tensor: torch.Tensor) -> None:
-        if tensor.device.type != "cuda":
-            target[key] = tensor.cpu()
-            return
-        from concurrent.futures import ThreadPoolExecutor
-
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="host-copies")
-            self._stream = torch.cuda.Stream(tensor.device)
-        ready = torch.cuda.Event()
-        ready.record(torch.cuda.current_stream(tensor.device))  # the work that produced ``tensor``
-
-        def copy():
-            with torch.cuda.device(tensor.device), torch.cuda.stream(self._stream):  # a new thread starts on GPU 0
-                self._stream.wait_event(ready)
-                target[key] = tensor.to("cpu")  # synchronous on the side stream: done before ``tensor`` is dropped
-
-        self._pending.append(self._pool.submit(copy))
-
-    def wait(self) -> None:
-        pending, self._pending = self._pending, []
-        for future in pending:
-            future.result()
-
-
 def block_tensors(block: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of ``block`` (non-persistent buffers too: rotary tables and the like)."""
     return dict(block.named_parameters()) | dict(block.named_buffers())
