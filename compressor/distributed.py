@@ -171,36 +171,52 @@ class ProcessGroup:
 
 
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-# splitmix64's odd multipliers, as signed 64-bit integers (torch has no uint64 arithmetic)
+# splitmix64's increment and odd multipliers, as signed 64-bit integers (torch has no uint64 arithmetic)
 _MIX = (0x9E3779B97F4A7C15 - (1 << 64), 0xBF58476D1CE4E5B9 - (1 << 64), 0x94D049BB133111EB - (1 << 64))
+
+
+def _shift_right(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``x >> k`` of int64 words read as unsigned (torch's ``>>`` copies the sign bit into the top ``k`` bits)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer on int64 words: a bijection of 64-bit words in which every input bit moves every
+    output bit (wrapping multiplications)."""
+    x = (x ^ _shift_right(x, 30)) * _MIX[1]
+    x = (x ^ _shift_right(x, 27)) * _MIX[2]
+    return x ^ _shift_right(x, 31)
 
 
 def bit_checksum(t: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
     """A 0-d int64 on ``t``'s device: the sum over elements (over 64-bit words of the tensor's bytes when they divide
-    into words) of (its bits as an integer) x (an odd 64-bit hash of its flat index), wrapping modulo 2**64, so
-    integer sums give the same value in any order and on any device.
+    into words) of a 64-bit hash of (its bits, its flat index), wrapping modulo 2**64, so integer sums give the same
+    value in any order and on any device.
 
     Equal tensors give equal checksums; changing or moving any element changes it except by a hash collision (a mask
-    keeping positions {0, 3} and one keeping {1, 2} differ, as do 2:4 patterns). Complex tensors are read as pairs
-    of reals."""
+    keeping positions {0, 3} and one keeping {1, 2} differ, as do 2:4 patterns). Each word is hashed whole, as
+    splitmix64 hashes its state (``_mix64`` of the word xor its index times splitmix64's odd increment): a word
+    times a hash of its index would weigh the word's top byte by the hash's low 8 bits alone, and a mask entry moved
+    between the top bytes of two words would go unseen one time in 128. Complex tensors are read as pairs of
+    reals."""
     flat = t.detach()
     if flat.is_complex():
         flat = torch.view_as_real(flat)
     flat = flat.contiguous().reshape(-1)
+    total = torch.zeros((), dtype=torch.int64, device=t.device)
+    if flat.numel() == 0:
+        return total
     if flat.dtype == torch.bool:
         flat = flat.view(torch.uint8)
     bits = flat.view(_INT_OF_WIDTH[flat.element_size()])
     if bits.numel() * bits.element_size() % 8 == 0:  # whole 64-bit words: 8 mask entries or 4 bf16 weights at once
         # (decided by the size alone, so a view at an odd offset and its copy agree; such a view is copied to align)
-        bits = (bits if bits.data_ptr() % 8 == 0 else bits.clone()).view(torch.int64)
-    total = torch.zeros((), dtype=torch.int64, device=t.device)
+        aligned = bits.data_ptr() % 8 == 0 and bits.storage_offset() * bits.element_size() % 8 == 0
+        bits = (bits if aligned else bits.clone()).view(torch.int64)
     for start in range(0, bits.numel(), chunk):
         part = bits[start:start + chunk].to(torch.int64)
-        h = torch.arange(start, start + part.numel(), dtype=torch.int64, device=t.device) * _MIX[0]
-        h = (h ^ (h >> 30)) * _MIX[1]
-        h = (h ^ (h >> 27)) * _MIX[2]
-        # odd: multiplying by it is a bijection modulo 2**64, so two different words at one index never weigh the same
-        total += (part * ((h ^ (h >> 31)) | 1)).sum()
+        index = torch.arange(start, start + part.numel(), dtype=torch.int64, device=t.device) * _MIX[0]  # distinct
+        total += _mix64(part ^ index).sum()
     return total
 
 

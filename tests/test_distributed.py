@@ -64,6 +64,16 @@ def test_bit_checksums_tell_apart_masks_and_weights_that_sums_cannot():
     stacked = torch.rand(3 * 8 + 1) > 0.5
     view = stacked[1:]
     assert view.data_ptr() % 8 and not differ(view, view.clone())
+    # one kept entry in the top byte of word j, for 256 words: 256 masks of one count, every one its own checksum
+    # (a word times an odd hash of its index weighs its top byte by the hash's low 8 bits: 128 values at most)
+    def top_byte(j):
+        mask = torch.zeros(8 * 256, dtype=torch.bool)
+        mask[8 * j + 7] = True
+        return int(bit_checksum(mask))
+
+    assert len({top_byte(j) for j in range(256)}) == 256
+    for empty in (torch.zeros(16, dtype=torch.bool)[1:1], torch.zeros(16, dtype=torch.bfloat16)[3:3]):
+        assert int(bit_checksum(empty)) == 0  # an empty view at an odd offset (no 64-bit view of it is allowed)
 
 
 def test_owners_balance_a_llama_block_and_agree_on_every_rank():
