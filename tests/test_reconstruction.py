@@ -140,3 +140,33 @@ def test_half_precision_models_reconstruct_on_an_fp32_master_copy(dtype):
 def test_pure_fp16_training_is_refused_by_name():
     with pytest.raises(ConfigError, match="reconstruction.precision='16-true' trains in fp16.*bf16-mixed"):
         ReconstructionConfig(mode="br", precision="16-true")
+
+
+def test_logs_hold_every_step_and_the_epoch_mean_over_rows(tmp_path):
+    import csv
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.manual_seed(5)
+    model = tiny_llama(layers=1)
+    ids = torch.randint(0, 256, (7, 16))  # 7 windows, batch 2: each epoch ends with a batch of one row
+    pruner = SequentialPruner(model, PruningConfig(method="wanda"), RuntimeConfig(batch_size=2), "cpu",
+                              reconstruction=ReconstructionConfig(mode="br+gp", epochs=3, batch_size=2),
+                              log_dir=tmp_path, accelerator="cpu")
+    (report,) = pruner.run(ids, progress=False)
+    with open(tmp_path / "block_000" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    steps = [(int(r["epoch"]), int(r["step"]), float(r["train_loss_step"])) for r in rows if r["train_loss_step"]]
+    assert [(e, s) for e, s, _ in steps] == [(s // 4, s) for s in range(12)]  # global steps across epochs
+    epochs = [(int(r["step"]), float(r["train_loss_epoch"])) for r in rows if r["train_loss_epoch"]]
+    assert [s for s, _ in epochs] == [3, 7, 11]
+    for e, (_, value) in enumerate(epochs):  # each step's loss is its batch's mean: weigh it by its rows
+        losses = [loss for epoch, _, loss in steps if epoch == e]
+        assert value == pytest.approx(sum(n * loss for n, loss in zip((2, 2, 2, 1), losses)) / 7, rel=1e-6)
+    assert report.training[0]["last_epoch_loss"] == pytest.approx(epochs[-1][1], rel=1e-6)
+    tb = EventAccumulator(str(next((tmp_path / "block_000" / "tb").glob("events.*"))))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("train_loss_step")] == list(range(12))
+    assert [e.step for e in tb.Scalars("train_loss_epoch")] == [3, 7, 11]
+    # the trained block is left without gradients (the last step's would travel with it to its home)
+    assert all(p.grad is None and not p.requires_grad for p in model.model.layers[0].parameters())

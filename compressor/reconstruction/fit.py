@@ -200,8 +200,9 @@ def fit_window(
     metrics = trainer.callback_metrics
     losses = [float(metrics[k]) for k in ("train_loss_epoch",) if k in metrics]
     for block in blocks:
-        for p in block.parameters():
-            p.requires_grad_(False)
+        for p in block.parameters():  # the last step's gradients too: fp32, twice a bf16 block's bytes, they would
+            p.requires_grad_(False)  # travel with the block to its home and stay there
+            p.grad = None
     return {"seconds": seconds, "steps": steps, "last_epoch_loss": losses[-1] if losses else None,
             "accelerator": type(trainer.accelerator).__name__,
             "gradient_allreduce": next((c.dtype for c in callbacks if c.registered), "float32") if ranks > 1 else None,

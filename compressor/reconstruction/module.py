@@ -124,7 +124,7 @@ class BlockReconstruction(LightningModule):
         self.block_kwargs = block_kwargs
         self.cfg = cfg
         self.total_steps = max(total_steps, 1)
-        self._step_losses: list[tuple[int, torch.Tensor]] = []  # (global step, loss on the device) of this epoch
+        self._step_losses: list[tuple[int, torch.Tensor, int]] = []  # (global step, loss on the device, rows)
         masked_ids = {id(p) for p, _ in masked}
         for name, p in self.blocks.named_parameters():
             linear_weight = id(p) in masked_ids or (p.dim() == 2)
@@ -145,22 +145,26 @@ class BlockReconstruction(LightningModule):
     def training_step(self, batch, batch_idx):
         inputs, targets = batch
         loss = F.mse_loss(self(inputs).float(), targets.float())
-        self._step_losses.append((self.global_step, loss.detach()))
+        self._step_losses.append((self.global_step, loss.detach(), inputs.shape[0]))
         return loss
 
     def on_train_epoch_end(self) -> None:
-        """The epoch's step losses to the loggers (``train_loss_step``) and its mean as ``train_loss_epoch`` (progress
-        bar, ``trainer.callback_metrics``). Read from the GPU once per epoch: logging every step would wait for the
-        GPU at every step, and the CPU could no longer queue the next step's work while the GPU runs this one."""
+        """The epoch's step losses to the loggers (``train_loss_step``) and their mean over the epoch's rows (each
+        step's loss weighted by its batch's rows, as Lightning's epoch mean: a short last batch counts for its rows) as
+        ``train_loss_epoch`` (progress bar, ``trainer.callback_metrics``). Read from the GPU once per epoch: logging
+        every step would wait for the GPU at every step, and the CPU could no longer queue the next step's work while
+        the GPU runs this one."""
         if not self._step_losses:
             return
-        steps = [s for s, _ in self._step_losses]
-        values = torch.stack([v for _, v in self._step_losses]).tolist()
+        steps = [s for s, _, _ in self._step_losses]
+        values = torch.stack([v for _, v, _ in self._step_losses]).tolist()
+        rows = [n for _, _, n in self._step_losses]
         self._step_losses.clear()
         for logger in self.loggers:
             for step, value in zip(steps, values):
                 logger.log_metrics({"train_loss_step": value, "epoch": self.current_epoch}, step=step)
-        self.log("train_loss_epoch", sum(values) / len(values), prog_bar=True, on_step=False, on_epoch=True)
+        mean = sum(v * n for v, n in zip(values, rows)) / sum(rows)
+        self.log("train_loss_epoch", mean, prog_bar=True, on_step=False, on_epoch=True)
 
     def on_train_end(self) -> None:
         """Training is over: drop the optimizer's state and let go of the blocks (the caller holds them), so that
