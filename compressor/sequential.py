@@ -297,15 +297,20 @@ class SequentialPruner:
             report.phases[phase] = report.phases.get(phase, 0.0) + time.perf_counter() - t
 
     def _release(self, i: int, block: nn.Module) -> None:
-        """Block ``i`` is final: back to its home, its masks into host memory (they stay on the device while the block
-        is worked on: shared, checked and checkpointed from there), and without ``keep_masks`` out of memory."""
+        """Block ``i``'s turn is over (it is final, or with cross-block windows waits for the next window): back to
+        its home, its masks into host memory (they stay on the device while the block is worked on: shared, checked
+        and checkpointed from there), and without ``keep_masks`` out of memory."""
         self.homes.release(i, block)
-        for name, mask in self._block_masks(i, block).items():
-            self.masks[f"{self.adapter.block_path}.{i}.{name}"] = mask.cpu()
         if not self.keep_masks:
             for source in (self.masks, self.quantized):
                 for name in self._block_masks(i, block, source):
                     del source[f"{self.adapter.block_path}.{i}.{name}"]
+        self._masks_to_host(i, block)
+
+    def _masks_to_host(self, i: int, block: nn.Module) -> None:
+        """Block ``i``'s masks into host memory (a no-op for those already there)."""
+        for name, mask in self._block_masks(i, block).items():
+            self.masks[f"{self.adapter.block_path}.{i}.{name}"] = mask.cpu()
 
     def _measure(self, report: BlockReport, rec, dense_rec, held, dense_held) -> None:
         if dense_rec is None:
@@ -367,6 +372,9 @@ class SequentialPruner:
                                      pending)
                 self.group.barrier()
             self.homes.release(i - 1, prev_block)
+            # its masks went to the host when it was released after its own turn, but quantizing it above may have
+            # put a broadcast one back on the device (another rank quantized that layer)
+            self._masks_to_host(i - 1, prev_block)
         if prev is not None:
             inputs = {id(s): list(s.batches) for s in streams}
             if last:  # the last block alone

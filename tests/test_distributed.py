@@ -148,13 +148,18 @@ def run_cases(windows: int = 7) -> dict:
     return results
 
 
-def _worker(rank: int, world: int, port: int, folder: str) -> None:
-    import torch.distributed as dist
-
+def _rank_env(rank: int, world: int, port: int) -> None:
+    """The variables torchrun gives rank ``rank`` of ``world`` on one machine."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), GROUP_RANK="0",
                       LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+
+
+def _worker(rank: int, world: int, port: int, folder: str) -> None:
+    import torch.distributed as dist
+
+    _rank_env(rank, world, port)
     from compressor.distributed import init_from_env
 
     init_from_env("cpu")
@@ -216,6 +221,49 @@ def test_ranks_with_masks_of_equal_count_in_other_places_are_told_apart(two_rank
     for rank in two_ranks:
         assert rank["moved mask"] == "block 1: ranks hold different values of mask: the run cannot continue " \
                                      "consistently"
+
+
+def _gpu_worker(rank: int, world: int, port: int, folder: str) -> None:
+    """Rank ``rank`` on GPU ``rank`` (NCCL): the devices of the masks each run leaves in ``SequentialPruner.masks``."""
+    import torch.distributed as dist
+    from conftest import tiny_llama
+
+    from compressor.config import PruningConfig, RuntimeConfig
+    from compressor.distributed import init_from_env
+    from compressor.quant.int4 import QuantizationConfig
+    from compressor.reconstruction.module import ReconstructionConfig
+    from compressor.sequential import SequentialPruner
+
+    _rank_env(rank, world, port)
+    init_from_env("gpu")
+    try:
+        torch.manual_seed(1)
+        calib = torch.randint(0, 256, (8, 32))
+        devices = {}
+        for mode in ("lr", "br+gp+cr"):
+            pruner = SequentialPruner(tiny_llama(layers=3), PruningConfig(method="sparsegpt", sparsity=0.5),
+                                      RuntimeConfig(batch_size=2), torch.device("cuda", rank),
+                                      quantization=QuantizationConfig(method="gptq", group_size=32, blocksize=32),
+                                      reconstruction=ReconstructionConfig(mode=mode, epochs=1, batch_size=2),
+                                      accelerator="gpu")
+            pruner.run(calib, progress=False)
+            devices[mode] = {k: str(m.device) for k, m in pruner.masks.items()}
+        torch.save(devices, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="two CUDA GPUs (NCCL)")
+def test_masks_end_in_host_memory_on_two_gpus(tmp_path):
+    # masks stay on the GPU while their block is worked on; with cross-block windows a block is quantized after its
+    # turn, and the masks another rank quantized arrive on the GPU again
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gpu_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        for mode, devices in torch.load(tmp_path / f"rank{rank}.pt").items():
+            assert len(devices) == 3 * 7 and set(devices.values()) == {"cpu"}, (rank, mode, devices)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c not in TRAINED])
