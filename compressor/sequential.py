@@ -372,8 +372,8 @@ class SequentialPruner:
                                      pending)
                 self.group.barrier()
             self.homes.release(i - 1, prev_block)
-            # its masks went to the host when it was released after its own turn, but quantizing it above may have
-            # put a broadcast one back on the device (another rank quantized that layer)
+            # its masks went to the host when it was released after its own turn; quantizing it above put them back
+            # on the device (the quantizer's, or another rank's broadcast)
             self._masks_to_host(i - 1, prev_block)
         if prev is not None:
             inputs = {id(s): list(s.batches) for s in streams}
@@ -547,6 +547,6 @@ class SequentialPruner:
         """A quantized layer: its dequantized weight in the model, its mask (when set) and packed parts kept."""
         set_weight(module, res.dequantized)
         if res.mask is not None:
-            self.masks[full] = res.mask.cpu()
+            self.masks[full] = res.mask  # on the device until the block's turn is over, as pruning's (_release)
         for part in ("codes", "scales", "zeros"):
             self.quantized[f"{full}.{part}"] = getattr(res, part).cpu()
