@@ -459,8 +459,10 @@ class SequentialPruner:
 
     def _group_costs(self, groups: dict[str, list[str]], layers: dict[str, nn.Module]) -> dict[str, float]:
         """The work of pruning each group, to balance owners: its seconds in the last block when every group has one
-        (all ranks hold the same figures), else :func:`compressor.distributed.sparsegpt_cost` of its weights."""
-        if all(o in self._group_seconds for o in groups):
+        (all ranks hold the same figures), else :func:`compressor.distributed.sparsegpt_cost` of its weights. With
+        ``runtime.deterministic`` always the estimate: owners that follow timing noise would move each statistic's
+        reduce to another root from run to run, and on three or more ranks the sum's order with it."""
+        if not self.runtime.deterministic and all(o in self._group_seconds for o in groups):
             return {o: self._group_seconds[o] for o in groups}
         return {o: sum(sparsegpt_cost(*weight_of(layers[n]).shape) for n in names) for o, names in groups.items()}
 

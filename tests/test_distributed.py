@@ -86,6 +86,28 @@ def test_owners_balance_a_llama_block_and_agree_on_every_rank():
     assert set(assign_owners(costs, 4).values()) == {0, 1, 2, 3}
 
 
+def test_owners_follow_measured_seconds_unless_the_run_is_deterministic():
+    from conftest import tiny_llama
+
+    from compressor.config import PruningConfig, RuntimeConfig
+    from compressor.models.adapters import ModelAdapter
+    from compressor.sequential import SequentialPruner
+
+    model = tiny_llama(layers=1)
+    layers = ModelAdapter(model).linears(model.model.layers[0])
+    groups = {"self_attn.q_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+              "self_attn.o_proj": ["self_attn.o_proj"], "mlp.gate_proj": ["mlp.gate_proj", "mlp.up_proj"],
+              "mlp.down_proj": ["mlp.down_proj"]}
+    seconds = {"self_attn.q_proj": 0.3, "self_attn.o_proj": 0.1, "mlp.gate_proj": 0.2, "mlp.down_proj": 0.4}
+    for deterministic in (False, True):
+        pruner = SequentialPruner(model, PruningConfig(method="sparsegpt"), RuntimeConfig(deterministic=deterministic),
+                                  "cpu")
+        estimate = pruner._group_costs(groups, layers)  # no block measured yet: the estimate
+        assert estimate["mlp.gate_proj"] == sparsegpt_cost(*layers["mlp.gate_proj"].weight.shape) * 2
+        pruner._group_seconds.update(seconds)
+        assert pruner._group_costs(groups, layers) == (estimate if deterministic else seconds)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
