@@ -190,6 +190,28 @@ def test_rerunning_a_finished_run_does_nothing_unless_overwrite(tmp_path, text_f
     assert log.count("===== run ") == 3 and "already complete: nothing done" in log
 
 
+def test_a_finished_run_is_not_taken_for_one_whose_model_or_calibration_text_changed_in_place(
+        tmp_path, text_file, smollm2_tokenizer, capsys):
+    settings = tiny_settings(tmp_path / "out", text_file)
+
+    def run(model):
+        return compress(settings, "cpu", progress=False, model_and_tokenizer=(model, smollm2_tokenizer))
+
+    first = run(tiny_llama(layers=2, vocab=len(smollm2_tokenizer)))
+    assert first["calibration"]["fingerprint"]
+    assert run(tiny_llama(layers=2, vocab=len(smollm2_tokenizer)))["date"] == first["date"]  # same weights, same text
+    assert "nothing done" in capsys.readouterr().out
+    tuned = tiny_llama(layers=2, vocab=len(smollm2_tokenizer))
+    with torch.no_grad():  # the same path, other weights (say, fine-tuned further in place)
+        tuned.model.layers[1].mlp.down_proj.weight.add_(0.01)
+    with pytest.raises(ConfigError, match=r"holds a finished run of another model: the weights at .* changed"):
+        run(tuned)
+    text_file.write_text(text_file.read_text()[::-1])  # the calibration file rewritten in place
+    with pytest.raises(ConfigError, match=r"holds a finished run of other calibration windows"):
+        run(tiny_llama(layers=2, vocab=len(smollm2_tokenizer)))
+    assert "ERROR compressor: error: output.dir=" in (tmp_path / "out" / "compress.log").read_text()
+
+
 def test_errors_are_recorded_in_the_run_log(tmp_path, smollm2_tokenizer):
     short = tmp_path / "short.txt"
     short.write_text("too short")
