@@ -263,8 +263,7 @@ class SequentialPruner:
                                          self._block_masks(i, block, self.quantized))
                     g.barrier()  # the block is marked done (manifest written) before any rank moves on
             self._release(i, block)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            self._synchronize()
             report.seconds = time.perf_counter() - t0
             reports.append(report)
             if report.calib_rel_error is not None:
@@ -285,16 +284,18 @@ class SequentialPruner:
     def timed(self, report: BlockReport, phase: str):
         """Add the body's seconds to ``report.phases[phase]`` (the GPU synchronized at both ends, so queued work is
         counted where it was queued)."""
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize(self.device)
+        self._synchronize()
         t = time.perf_counter()
         try:
             yield
         finally:
-            if cuda:
-                torch.cuda.synchronize(self.device)
+            self._synchronize()
             report.phases[phase] = report.phases.get(phase, 0.0) + time.perf_counter() - t
+
+    def _synchronize(self) -> None:
+        """Wait for the GPU's queued work (nothing to wait for elsewhere), so that a clock reading counts it."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _release(self, i: int, block: nn.Module) -> None:
         """Block ``i``'s turn is over (it is final, or with cross-block windows waits for the next window): back to
@@ -449,13 +450,14 @@ class SequentialPruner:
                 if ranks[owner] == g.rank:
                     t = time.perf_counter()
                     self._prune_group(i, {n: layers[n] for n in names}, stats, owner, report)
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
-                    seconds[owner] = time.perf_counter() - t
+                    if g.distributed:  # the next block's owners are balanced by these seconds
+                        self._synchronize()
+                        seconds[owner] = time.perf_counter() - t
         with self.timed(report, "share"):
             for owner, names in groups.items():
-                self._group_seconds[owner] = self._share_layers(i, {n: layers[n] for n in names}, ranks[owner],
-                                                                report, seconds.get(owner))
+                took = self._share_layers(i, {n: layers[n] for n in names}, ranks[owner], report, seconds.get(owner))
+                if took is not None:
+                    self._group_seconds[owner] = took
 
     def _group_costs(self, groups: dict[str, list[str]], layers: dict[str, nn.Module]) -> dict[str, float]:
         """The work of pruning each group, to balance owners: its seconds in the last block when every group has one

@@ -193,9 +193,7 @@ def fit_window(
 
     t = time.perf_counter()
     with float32_master(blocks), quiet_lightning(), torch.enable_grad(), ctrl_c_propagates(trainer):
-        trainer.fit(module, loader)
-        for block in blocks:  # they stay on the device (BlockReconstruction.on_train_end); a no-op then
-            block.to(device)
+        trainer.fit(module, loader)  # the blocks stay on the device (BlockReconstruction.on_train_end)
     seconds = time.perf_counter() - t
     metrics = trainer.callback_metrics
     losses = [float(metrics[k]) for k in ("train_loss_epoch",) if k in metrics]
